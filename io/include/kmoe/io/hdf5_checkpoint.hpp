@@ -1,0 +1,164 @@
+/// \file hdf5_checkpoint.hpp
+/// \brief Sharded HDF5 checkpoints: every rank saves its part of the model state (and optimizer state), any rank
+///        count loads it back, and the whole is convertible to the original Hugging Face checkpoint.
+///
+/// Format (docs/checkpoint-format.md has the full description):
+///   CHECKPOINT_DIR/manifest.h5                 step, world size, architecture, per-rank expert ranges, file sizes,
+///                                              free-form attributes, and the source checkpoint's plan (tensor names,
+///                                              dtypes, shapes, shard files, safetensors metadata, config.json, ...)
+///   CHECKPOINT_DIR/rank-RRRRR-of-NNNNN.h5      /tensors/NAME: the rows [row_begin, row_end) of NAME's leading
+///                                              dimension that rank R held (whole tensors are written by one rank)
+/// A tensor is the union of its pieces over the rank files; the pieces must tile its leading dimension exactly.
+/// Loading reads any row range of any tensor from whichever files hold it, so a checkpoint saved by N ranks loads
+/// into any M ranks. BF16/F16 are stored as 16-bit unsigned integers (their bit patterns) with a `dtype` attribute.
+///
+/// Saves are atomic: all ranks write into CHECKPOINT_DIR's sibling `.NAME.kmoe-tmp`, rank 0 writes the manifest
+/// last, fsyncs, and renames the directory to CHECKPOINT_DIR. A directory without a complete manifest is never
+/// taken for a checkpoint. Every HDF5 call is checked; HDF5's own error printing is silenced and its failures become
+/// kmoe::InputError (bad or damaged files) naming the file and dataset.
+#pragma once
+
+#include <kmoe/io/dtype.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kmoe::io {
+
+/// The collective operations a multi-rank save needs. One process: the default (rank 0 of 1, all_ok = identity).
+/// Under MPI, all_ok is an MPI_Allreduce(LAND) on the ranks that save together (see mpi_rank_group()).
+struct RankGroup {
+  int rank = 0;
+  int size = 1;
+  /// Collective: true on every rank iff `ok` was true on every rank. Also acts as a barrier.
+  std::function<bool(bool ok)> all_ok = [](bool ok) { return ok; };
+};
+
+/// RankGroup over MPI_COMM_WORLD when kmoe is built with MPI and MPI is initialised; the one-process group otherwise.
+RankGroup world_rank_group();
+
+/// One tensor of the Hugging Face checkpoint a kmoe checkpoint came from: where it lived and what it was.
+struct SourceTensor {
+  std::string name;                  ///< e.g. "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+  std::string file;                  ///< shard file name, e.g. "model-00002-of-00006.safetensors"
+  std::string dtype;                 ///< safetensors dtype name ("BF16", "F32", ...)
+  std::vector<std::int64_t> shape;  ///< its shape in the source file
+};
+
+/// One shard file of the source checkpoint.
+struct SourceFile {
+  std::string name;                                ///< "model-00001-of-00006.safetensors"
+  std::vector<std::string> tensors;                ///< names in the order of the file's header
+  std::map<std::string, std::string> metadata;     ///< the header's __metadata__ (e.g. format=pt)
+  bool has_metadata = true;                        ///< false when the header had no __metadata__ entry
+};
+
+/// Everything needed to rebuild the source Hugging Face directory byte for byte (given unchanged weights).
+struct SourcePlan {
+  std::vector<SourceTensor> tensors;                 ///< every tensor of the source checkpoint
+  std::vector<SourceFile> files;                     ///< its shard files, in index order
+  std::map<std::string, std::string> text_files;     ///< verbatim small files: config.json, generation_config.json,
+                                                     ///< model.safetensors.index.json (those that existed)
+};
+
+/// One tensor (or the rows of it this rank holds) handed to the writer: host memory, row-major, of `dtype`.
+struct TensorPiece {
+  std::string name;                         ///< checkpoint name; no '/' (e.g. "model.norm.weight", "moe.0.w1")
+  DType dtype = DType::F32;                 ///< stored as is (BF16/F16 as their 16-bit patterns); not F4/F6/C64
+  std::vector<std::int64_t> global_shape;   ///< the whole tensor's shape (rank >= 1; scalars as shape {1})
+  std::int64_t row_begin = 0;               ///< first row of global_shape[0] held here
+  std::int64_t row_end = 0;                 ///< one past the last row held here
+  const void* data = nullptr;               ///< (row_end - row_begin) * prod(global_shape[1:]) elements
+};
+
+/// What one rank saves. Fields other than `tensors` must agree on all ranks; rank 0 writes them to the manifest.
+struct CheckpointContents {
+  std::int64_t step = 0;                                   ///< training step the state belongs to
+  std::string architecture;                                ///< model spec name (e.g. "mixtral", "granitemoe")
+  std::vector<std::pair<std::int64_t, std::int64_t>> expert_ranges;  ///< [begin, end) of experts owned per rank
+  std::map<std::string, std::string> attributes;          ///< free-form (optimizer hyperparameters, seeds, ...)
+  SourcePlan source;                                       ///< the source checkpoint's plan (rank 0's is recorded)
+  std::vector<TensorPiece> tensors;                        ///< this rank's pieces
+  std::vector<std::shared_ptr<const void>> keep_alive;     ///< owners of pieces' data (buffers, file mappings)
+};
+
+/// Hooks for tests: on_stage(name) is called at every step of a save (e.g. "rank-file-written", "renamed").
+struct SaveOptions {
+  std::function<void(const std::string& stage)> on_stage;
+};
+
+/// Collective over `group`: saves `contents` as the checkpoint directory `dir` (atomic; replaces an existing one).
+/// Any rank's failure makes every rank throw and leaves `dir` as it was.
+/// \param dir      [in] the checkpoint directory to create, e.g. RUN_DIR/checkpoint-100
+/// \param contents [in] this rank's part (see CheckpointContents)
+/// \param group    [in] the ranks saving together
+void save_hdf5_checkpoint(const std::filesystem::path& dir, const CheckpointContents& contents,
+                          const RankGroup& group = RankGroup{}, const SaveOptions& options = SaveOptions{});
+
+/// A tensor's description in a checkpoint.
+struct StoredTensorInfo {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;  ///< global shape
+};
+
+/// A loaded checkpoint directory: the manifest and the index of every rank file's pieces (data is read on demand).
+class Hdf5Checkpoint {
+ public:
+  /// Opens and validates a checkpoint directory: manifest present and complete, every rank file present with the
+  /// recorded size, readable, of this checkpoint (step, rank, world size), pieces tiling each tensor.
+  /// \throws InputError naming the file (and dataset) at fault
+  static Hdf5Checkpoint open(const std::filesystem::path& dir);
+
+  const std::filesystem::path& dir() const;
+  std::int64_t step() const;
+  /// The rank count that saved it.
+  int saved_world_size() const;
+  const std::string& architecture() const;
+  const std::vector<std::pair<std::int64_t, std::int64_t>>& expert_ranges() const;
+  const std::map<std::string, std::string>& attributes() const;
+  const SourcePlan& source() const;
+
+  bool has(const std::string& name) const;
+  /// Names of all stored tensors, sorted.
+  std::vector<std::string> names() const;
+  /// \throws InputError when the tensor is absent
+  const StoredTensorInfo& info(const std::string& name) const;
+
+  /// Reads rows [row_begin, row_end) of the leading dimension of `name` as stored (row-major bytes of its dtype)
+  /// into `out`, which must hold exactly that many bytes. Reads from every rank file that holds part of the range.
+  /// \throws InputError on a bad range, a size mismatch or a damaged file (checksum failure) naming file and dataset
+  void read_rows(const std::string& name, std::int64_t row_begin, std::int64_t row_end, void* out,
+                 std::size_t nbytes) const;
+  /// The whole tensor's bytes.
+  std::vector<unsigned char> read(const std::string& name) const;
+  /// Rows [row_begin, row_end) converted to double / float (from BF16, F16, F32, F64, integer types).
+  std::vector<double> read_rows_f64(const std::string& name, std::int64_t row_begin, std::int64_t row_end) const;
+  std::vector<float> read_rows_f32(const std::string& name, std::int64_t row_begin, std::int64_t row_end) const;
+
+  Hdf5Checkpoint(Hdf5Checkpoint&&) noexcept;
+  Hdf5Checkpoint& operator=(Hdf5Checkpoint&&) noexcept;
+  ~Hdf5Checkpoint();
+
+ private:
+  struct Impl;
+  explicit Hdf5Checkpoint(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+/// True when `dir` holds a complete manifest (a committed checkpoint); does not validate the rank files.
+bool is_hdf5_checkpoint(const std::filesystem::path& dir);
+
+/// The committed checkpoint-K directory of RUN_DIR with the largest step K; empty path when there is none.
+std::filesystem::path latest_checkpoint(const std::filesystem::path& run_dir);
+
+/// Contiguous expert ranges: `num_experts` split over `ranks` as evenly as possible, the first ranks taking one more
+/// when it does not divide (the same placement as kmoe's communicator).
+std::vector<std::pair<std::int64_t, std::int64_t>> contiguous_expert_ranges(std::int64_t num_experts, int ranks);
+
+}  // namespace kmoe::io
