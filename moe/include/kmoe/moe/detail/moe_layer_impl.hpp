@@ -1,0 +1,265 @@
+// MoeLayer's implementation (included by moe_layer.hpp). The common instantiations (float/double on Serial and
+// OpenMP) are compiled once in moe/moe_layer.cpp; the extern declarations at the end keep other files from redoing it.
+#pragma once
+
+#include <kmoe/core/gather_scatter.hpp>
+#include <kmoe/core/routing.hpp>
+
+#include <string>
+#include <utility>
+
+namespace kmoe::moe {
+
+namespace detail {
+template <class V>
+V alloc_like(const char* name, const V& like) {
+  return V(std::string(name), like.layout());
+}
+template <class V>
+V uninit(const char* name, std::int64_t n0, std::int64_t n1) {
+  return V(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(name)), n0, n1);
+}
+/// A [S,H] matrix seen as a one-group [1,S,H] tensor (no copy).
+template <class M>
+auto as_one_group(const M& m) {
+  using T = typename M::value_type;
+  using V3 = Kokkos::View<T***, Kokkos::LayoutRight, typename M::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  KMOE_ASSERT(m.span_is_contiguous(), "shared expert weights must be contiguous");
+  return V3(m.data(), 1, m.extent(0), m.extent(1));
+}
+}  // namespace detail
+
+template <class T, class ExecSpace>
+MoeWeights<T, ExecSpace> zeros_like(const MoeWeights<T, ExecSpace>& like) {
+  MoeWeights<T, ExecSpace> z;
+  z.router = detail::alloc_like("kmoe::grad::router", like.router);
+  z.w1 = detail::alloc_like("kmoe::grad::w1", like.w1);
+  z.w3 = detail::alloc_like("kmoe::grad::w3", like.w3);
+  z.w2 = detail::alloc_like("kmoe::grad::w2", like.w2);
+  z.shared_w1 = detail::alloc_like("kmoe::grad::shared_w1", like.shared_w1);
+  z.shared_w3 = detail::alloc_like("kmoe::grad::shared_w3", like.shared_w3);
+  z.shared_w2 = detail::alloc_like("kmoe::grad::shared_w2", like.shared_w2);
+  z.first_expert = like.first_expert;
+  return z;
+}
+
+template <class T, class ExecSpace>
+MoeLayer<T, ExecSpace>::MoeLayer(MoeWeights<T, ExecSpace> weights, MoeOptions options, ExecSpace space)
+    : weights_(std::move(weights)), options_(options), space_(space) {
+  const auto& w = weights_;
+  constexpr const char* fn = "kmoe::moe::MoeLayer";
+  const std::int64_t h = w.hidden(), e = w.num_experts(), el = w.num_local_experts(), f = w.ffn();
+  KMOE_CHECK_INPUT(h > 0 && e > 0, fn, ": router is [", e, ",", h, "], expected [experts, hidden] with both > 0");
+  KMOE_CHECK_INPUT(el > 0 && f > 0, fn, ": w1 is [", el, ",", f, ",", w.w1.extent(2), "], expected [experts, ffn, hidden]");
+  KMOE_CHECK_INPUT(w.first_expert >= 0 && w.first_expert + el <= e, fn, ": local experts [", w.first_expert, ",",
+                   w.first_expert + el, ") outside the router's ", e, " experts");
+  core::detail::check_extent(fn, "w1", w.w1, 2, h);
+  core::detail::check_extent(fn, "w3", w.w3, 0, el);
+  core::detail::check_extent(fn, "w3", w.w3, 1, f);
+  core::detail::check_extent(fn, "w3", w.w3, 2, h);
+  core::detail::check_extent(fn, "w2", w.w2, 0, el);
+  core::detail::check_extent(fn, "w2", w.w2, 1, h);
+  core::detail::check_extent(fn, "w2", w.w2, 2, f);
+  if (w.has_shared()) {
+    const std::int64_t s = w.shared_ffn();
+    core::detail::check_extent(fn, "shared_w1", w.shared_w1, 1, h);
+    core::detail::check_extent(fn, "shared_w3", w.shared_w3, 0, s);
+    core::detail::check_extent(fn, "shared_w3", w.shared_w3, 1, h);
+    core::detail::check_extent(fn, "shared_w2", w.shared_w2, 0, h);
+    core::detail::check_extent(fn, "shared_w2", w.shared_w2, 1, s);
+  }
+  KMOE_CHECK_INPUT(options_.top_k >= 1 && options_.top_k <= e, fn, ": top_k = ", options_.top_k, " outside [1, ", e,
+                   "]");
+  KMOE_CHECK_INPUT(options_.block >= 1, fn, ": block = ", options_.block, " (must be >= 1)");
+  KMOE_CHECK_INPUT(options_.tile_rows >= 1, fn, ": tile_rows = ", options_.tile_rows, " (must be >= 1)");
+}
+
+template <class T, class ExecSpace>
+Routing<T, ExecSpace> MoeLayer<T, ExecSpace>::route(const_matrix x) const {
+  KMOE_CHECK_INPUT(std::int64_t(x.extent(1)) == weights_.hidden(), "kmoe::moe::MoeLayer::route: x is [", x.extent(0),
+                   ",", x.extent(1), "], expected [tokens, ", weights_.hidden(), "]");
+  const std::int64_t tokens = x.extent(0), e = weights_.num_experts(), k = options_.top_k;
+  Routing<T, ExecSpace> r;
+  r.logits = detail::uninit<matrix>("kmoe::router_logits", tokens, e);
+  r.probs = detail::uninit<matrix>("kmoe::router_probs", tokens, e);
+  r.topk_idx = detail::uninit<typename views::index_matrix>("kmoe::topk_idx", tokens, k);
+  r.topk_weight = detail::uninit<matrix>("kmoe::topk_weight", tokens, k);
+  core::routing_forward(space_, x, weights_.router, r.logits, r.probs, r.topk_idx, r.topk_weight, options_.gemm);
+  r.plan = core::make_dispatch_plan(space_, r.topk_idx, e, options_.block);
+  return r;
+}
+
+template <class T, class ExecSpace>
+void MoeLayer<T, ExecSpace>::route_backward(const_matrix x, const Routing<T, ExecSpace>& routing,
+                                            const_matrix d_topk_weight, matrix dx, matrix d_router) const {
+  auto d_logits = detail::uninit<matrix>("kmoe::d_logits", routing.probs.extent(0), routing.probs.extent(1));
+  core::routing_backward(space_, x, weights_.router, routing.probs, routing.topk_idx, routing.topk_weight,
+                         d_topk_weight, d_logits, dx, d_router, true, options_.gemm);
+}
+
+template <class T, class ExecSpace>
+typename MoeLayer<T, ExecSpace>::matrix MoeLayer<T, ExecSpace>::dispatch(const_matrix x,
+                                                                         const Routing<T, ExecSpace>& routing,
+                                                                         bool padded) const {
+  const auto& plan = routing.plan;
+  matrix rows = detail::uninit<matrix>("kmoe::dispatch_rows", padded ? plan.num_padded_rows() : plan.num_rows(),
+                                       x.extent(1));
+  core::padded_gather(space_, x, padded ? plan.pair_padded_row : plan.pair_row, plan.top_k, rows);
+  return rows;
+}
+
+template <class T, class ExecSpace>
+void MoeLayer<T, ExecSpace>::dispatch_backward(const_matrix d_rows, const Routing<T, ExecSpace>& routing, matrix dx,
+                                               bool padded, bool accumulate) const {
+  const auto& plan = routing.plan;
+  core::padded_gather_backward(space_, d_rows, padded ? plan.pair_padded_row : plan.pair_row, plan.top_k, dx,
+                               accumulate);
+}
+
+template <class T, class ExecSpace>
+ExpertContext<T, ExecSpace> MoeLayer<T, ExecSpace>::expert_forward(const_matrix rows,
+                                                                   std::vector<std::int64_t> offsets) const {
+  KMOE_CHECK_INPUT(std::int64_t(offsets.size()) == weights_.num_local_experts() + 1,
+                   "kmoe::moe::MoeLayer::expert_forward: ", offsets.size(), " offsets for ",
+                   weights_.num_local_experts(), " local experts");
+  ExpertContext<T, ExecSpace> ctx;
+  const std::int64_t n = rows.extent(0), f = weights_.ffn();
+  ctx.x = rows;
+  ctx.offsets = std::move(offsets);
+  ctx.h1 = detail::uninit<matrix>("kmoe::expert::h1", n, f);
+  ctx.h3 = detail::uninit<matrix>("kmoe::expert::h3", n, f);
+  ctx.y = detail::uninit<matrix>("kmoe::expert::y", n, rows.extent(1));
+  core::grouped_mlp_forward(space_, rows, ctx.offsets, weights_.w1, weights_.w3, weights_.w2, ctx.h1, ctx.h3, ctx.y,
+                            false, options_.gemm);
+  return ctx;
+}
+
+template <class T, class ExecSpace>
+void MoeLayer<T, ExecSpace>::expert_backward(const ExpertContext<T, ExecSpace>& ctx, const_matrix dy_rows,
+                                             matrix d_rows, typename views::tensor3 d_w1, typename views::tensor3 d_w3,
+                                             typename views::tensor3 d_w2) const {
+  core::grouped_mlp_backward(space_, ctx.x, ctx.offsets, weights_.w1, weights_.w3, weights_.w2, ctx.h1, ctx.h3,
+                             dy_rows, d_rows, d_w1, d_w3, d_w2, false, options_.gemm);
+}
+
+template <class T, class ExecSpace>
+void MoeLayer<T, ExecSpace>::combine(const_matrix y_rows, const Routing<T, ExecSpace>& routing, matrix y, bool padded,
+                                     bool accumulate) const {
+  const auto& plan = routing.plan;
+  core::padded_scatter(space_, y_rows, padded ? plan.pair_padded_row : plan.pair_row, routing.topk_weight, y,
+                       accumulate);
+}
+
+template <class T, class ExecSpace>
+void MoeLayer<T, ExecSpace>::combine_backward(const_matrix dy, const_matrix y_rows,
+                                              const Routing<T, ExecSpace>& routing, matrix dy_rows,
+                                              matrix d_topk_weight, bool padded) const {
+  const auto& plan = routing.plan;
+  core::padded_scatter_backward(space_, dy, y_rows, padded ? plan.pair_padded_row : plan.pair_row,
+                                routing.topk_weight, dy_rows, d_topk_weight);
+}
+
+template <class T, class ExecSpace>
+ExpertContext<T, ExecSpace> MoeLayer<T, ExecSpace>::shared_forward(const_matrix x, matrix y) const {
+  ExpertContext<T, ExecSpace> ctx;
+  if (!weights_.has_shared()) return ctx;
+  const std::int64_t n = x.extent(0), s = weights_.shared_ffn();
+  ctx.x = x;
+  ctx.offsets = {0, n};
+  ctx.h1 = detail::uninit<matrix>("kmoe::shared::h1", n, s);
+  ctx.h3 = detail::uninit<matrix>("kmoe::shared::h3", n, s);
+  ctx.y = y;
+  core::grouped_mlp_forward(space_, x, ctx.offsets, detail::as_one_group(weights_.shared_w1),
+                            detail::as_one_group(weights_.shared_w3), detail::as_one_group(weights_.shared_w2), ctx.h1,
+                            ctx.h3, y, true, options_.gemm);
+  return ctx;
+}
+
+template <class T, class ExecSpace>
+void MoeLayer<T, ExecSpace>::shared_backward(const ExpertContext<T, ExecSpace>& ctx, const_matrix dy, matrix dx,
+                                             matrix d_w1, matrix d_w3, matrix d_w2) const {
+  if (!weights_.has_shared()) return;
+  core::grouped_mlp_backward(space_, ctx.x, ctx.offsets, detail::as_one_group(weights_.shared_w1),
+                             detail::as_one_group(weights_.shared_w3), detail::as_one_group(weights_.shared_w2),
+                             ctx.h1, ctx.h3, dy, dx, detail::as_one_group(d_w1), detail::as_one_group(d_w3),
+                             detail::as_one_group(d_w2), true, options_.gemm);
+}
+
+template <class T, class ExecSpace>
+typename MoeLayer<T, ExecSpace>::matrix MoeLayer<T, ExecSpace>::forward(const_matrix x) {
+  KMOE_CHECK_INPUT(weights_.first_expert == 0 && weights_.num_local_experts() == weights_.num_experts(),
+                   "kmoe::moe::MoeLayer::forward: the layer holds experts [", weights_.first_expert, ",",
+                   weights_.first_expert + weights_.num_local_experts(), ") of ", weights_.num_experts(),
+                   "; a slice runs through the stages (expert parallelism)");
+  Kokkos::Profiling::pushRegion(options_.impl == ExpertImpl::Scatter ? "kmoe::moe::forward[scatter]"
+                                                                     : "kmoe::moe::forward[padded]");
+  have_forward_ = false;
+  routing_ = route(x);
+  x_ = x;
+  const auto& plan = routing_.plan;
+  const std::int64_t tokens = x.extent(0), hidden = x.extent(1);
+  matrix y = detail::uninit<matrix>("kmoe::moe::y", tokens, hidden);
+  if (options_.impl == ExpertImpl::Scatter) {
+    const std::int64_t f = weights_.ffn();
+    experts_ = ExpertContext<T, ExecSpace>{};
+    experts_.x = x;
+    experts_.offsets = plan.offsets_host;
+    experts_.h1 = detail::uninit<matrix>("kmoe::expert::h1", plan.num_rows(), f);
+    experts_.h3 = detail::uninit<matrix>("kmoe::expert::h3", plan.num_rows(), f);
+    experts_.y = detail::uninit<matrix>("kmoe::expert::y", plan.num_rows(), hidden);
+    core::scatter_mlp_forward(space_, x, plan, weights_.w1, weights_.w3, weights_.w2, experts_.h1, experts_.h3,
+                              experts_.y, options_.gemm, options_.tile_rows);
+    combine(experts_.y, routing_, y, false, false);
+  } else {
+    experts_ = expert_forward(dispatch(x, routing_, true), plan.padded_offsets_host);
+    combine(experts_.y, routing_, y, true, false);
+  }
+  shared_ = shared_forward(x, y);
+  have_forward_ = true;
+  Kokkos::Profiling::popRegion();
+  return y;
+}
+
+template <class T, class ExecSpace>
+MoeBackward<T, ExecSpace> MoeLayer<T, ExecSpace>::backward(const_matrix dy) {
+  KMOE_CHECK_INPUT(have_forward_, "kmoe::moe::MoeLayer::backward: no forward() to differentiate");
+  KMOE_CHECK_INPUT(dy.extent(0) == x_.extent(0) && dy.extent(1) == x_.extent(1), "kmoe::moe::MoeLayer::backward: dy is [",
+                   dy.extent(0), ",", dy.extent(1), "], expected [", x_.extent(0), ",", x_.extent(1), "]");
+  Kokkos::Profiling::pushRegion(options_.impl == ExpertImpl::Scatter ? "kmoe::moe::backward[scatter]"
+                                                                     : "kmoe::moe::backward[padded]");
+  const auto& plan = routing_.plan;
+  MoeBackward<T, ExecSpace> out;
+  out.grads = zeros_like(weights_);
+  out.dx = matrix("kmoe::moe::dx", x_.extent(0), x_.extent(1));
+  matrix d_topk_weight = detail::uninit<matrix>("kmoe::d_topk_weight", plan.num_tokens, plan.top_k);
+  if (options_.impl == ExpertImpl::Scatter) {
+    core::scatter_mlp_backward(space_, x_, plan, routing_.topk_weight, dy, weights_.w1, weights_.w3, weights_.w2,
+                               experts_.h1, experts_.h3, experts_.y, out.dx, out.grads.w1, out.grads.w3,
+                               out.grads.w2, d_topk_weight, options_.gemm, options_.tile_rows);
+  } else {
+    matrix dy_rows = detail::uninit<matrix>("kmoe::dy_rows", plan.num_padded_rows(), x_.extent(1));
+    combine_backward(dy, experts_.y, routing_, dy_rows, d_topk_weight, true);
+    matrix d_rows = detail::uninit<matrix>("kmoe::d_rows", plan.num_padded_rows(), x_.extent(1));
+    expert_backward(experts_, dy_rows, d_rows, out.grads.w1, out.grads.w3, out.grads.w2);
+    dispatch_backward(d_rows, routing_, out.dx, true, false);
+  }
+  route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router);
+  shared_backward(shared_, dy, out.dx, out.grads.shared_w1, out.grads.shared_w3, out.grads.shared_w2);
+  Kokkos::Profiling::popRegion();
+  return out;
+}
+
+#define KMOE_MOE_LAYER_EXTERN(T, SPACE) \
+  extern template class MoeLayer<T, SPACE>; \
+  extern template MoeWeights<T, SPACE> zeros_like(const MoeWeights<T, SPACE>&);
+#ifdef KOKKOS_ENABLE_SERIAL
+KMOE_MOE_LAYER_EXTERN(double, Kokkos::Serial)
+KMOE_MOE_LAYER_EXTERN(float, Kokkos::Serial)
+#endif
+#ifdef KOKKOS_ENABLE_OPENMP
+KMOE_MOE_LAYER_EXTERN(double, Kokkos::OpenMP)
+KMOE_MOE_LAYER_EXTERN(float, Kokkos::OpenMP)
+#endif
+#undef KMOE_MOE_LAYER_EXTERN
+
+}  // namespace kmoe::moe

@@ -1,0 +1,194 @@
+/// \file moe_layer.hpp
+/// \brief kmoe::moe::MoeLayer: one Mixture-of-Experts block (top-k softmax router, SwiGLU experts, optional shared
+/// expert), forward and backward, built in stages that expert parallelism can split with an all-to-all.
+///
+/// Semantics (Mixtral / GraniteMoe / GraniteMoeShared as transformers computes them):
+///   logits = x·Gᵀ; p = softmax(logits); (w, idx) = topk(p, k) descending; w /= sum(w);
+///   y[t] = sum_s w[t,s] · W2[idx] (silu(W1[idx] x[t]) * W3[idx] x[t])  [+ Ws2 (silu(Ws1 x[t]) * Ws3 x[t])]
+///
+/// The stages, each with its backward (all block until their outputs are written):
+///   (a) route             x [T,H] -> Routing (logits, probs, topk_idx, topk_weight, dispatch plan)
+///       dispatch          x -> rows [R,H] grouped by expert (R = T*k, or the padded count with padded = true)
+///   (b) expert_forward    rows grouped by *local* expert + host offsets -> expert outputs (the only stage that needs
+///                         the expert weights; a rank of expert parallelism owns experts [first_expert, +local))
+///   (c) combine           expert outputs in the dispatch order -> y [T,H] weighted by topk_weight
+///       shared_forward    the shared expert, added to y
+/// Expert parallelism: route -> dispatch -> all-to-all (rows per destination rank are contiguous, since ranks own
+/// contiguous expert ranges and rows are sorted by expert) -> regroup by local expert -> expert_forward -> all-to-all
+/// back into the dispatch order -> combine. The backward runs the same stages in reverse.
+///
+/// Data layout: row-major Views in ExecSpace's memory space; x [T,H], router [E,H], w1/w3 [E,F,H], w2 [E,H,F],
+/// shared_w1/w3 [S,H], shared_w2 [H,S]; topk_idx int64.
+#pragma once
+
+#include <kmoe/core/dispatch_plan.hpp>
+#include <kmoe/core/expert_mlp.hpp>
+#include <kmoe/core/kernel_common.hpp>
+
+#include <Kokkos_Core.hpp>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kmoe::moe {
+
+/// Which expert path the single-process layer runs.
+enum class ExpertImpl {
+  Scatter,  ///< ScatterMoE-style: expert GEMMs read token rows through the dispatch plan (no gathered copy of x)
+  Padded    ///< MegaBlocks-style: padded gather into an expert-contiguous buffer, grouped GEMMs, padded scatter
+};
+
+/// Parses "scatter" / "padded"; UsageError naming the value otherwise.
+ExpertImpl parse_expert_impl(const std::string& name);
+
+/// How the layer computes (not what: the weights fix that).
+struct MoeOptions {
+  std::int64_t top_k = 2;                         ///< experts per token (1 <= top_k <= num_experts)
+  ExpertImpl impl = ExpertImpl::Scatter;          ///< expert path of forward()/backward()
+  std::int64_t block = 32;                        ///< Padded: rows per expert rounded up to a multiple of this
+  core::GemmAlgo gemm = core::GemmAlgo::Auto;     ///< GEMM implementation (Kokkos forces the portable kernel)
+  std::int64_t tile_rows = core::kScatterTileRows;  ///< Scatter: rows per staged tile
+};
+
+/// Row-major View aliases of a layer computing in T on ExecSpace.
+template <class T, class ExecSpace>
+struct MoeViews {
+  using memory_space = typename ExecSpace::memory_space;
+  using matrix = Kokkos::View<T**, Kokkos::LayoutRight, memory_space>;
+  using const_matrix = Kokkos::View<const T**, Kokkos::LayoutRight, memory_space>;
+  using tensor3 = Kokkos::View<T***, Kokkos::LayoutRight, memory_space>;
+  using index_matrix = Kokkos::View<std::int64_t**, Kokkos::LayoutRight, memory_space>;
+};
+
+/// The parameters of one MoE block (or, for expert parallelism, of the experts one rank owns).
+/// Also the type of their gradients (same shapes).
+template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
+struct MoeWeights {
+  using views = MoeViews<T, ExecSpace>;
+  typename views::matrix router;     ///< [E,H] (always all experts: every rank routes its own tokens)
+  typename views::tensor3 w1;        ///< [E_local,F,H] gate projection of experts [first_expert, first_expert+E_local)
+  typename views::tensor3 w3;        ///< [E_local,F,H] up projection
+  typename views::tensor3 w2;        ///< [E_local,H,F] down projection
+  typename views::matrix shared_w1;  ///< [S,H] shared expert gate projection; extent 0 when the model has none
+  typename views::matrix shared_w3;  ///< [S,H]
+  typename views::matrix shared_w2;  ///< [H,S]
+  std::int64_t first_expert = 0;     ///< global index of w1[0]
+
+  std::int64_t hidden() const { return router.extent(1); }
+  std::int64_t num_experts() const { return router.extent(0); }
+  std::int64_t num_local_experts() const { return w1.extent(0); }
+  std::int64_t ffn() const { return w1.extent(1); }
+  std::int64_t shared_ffn() const { return shared_w1.extent(0); }
+  bool has_shared() const { return shared_w1.extent(0) > 0; }
+};
+
+/// Zero-filled tensors of the shapes of `like` (used for gradients).
+template <class T, class ExecSpace>
+MoeWeights<T, ExecSpace> zeros_like(const MoeWeights<T, ExecSpace>& like);
+
+/// Stage (a)'s result: what routing decided for the local tokens, and the plan that dispatch/combine reuse.
+template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
+struct Routing {
+  using views = MoeViews<T, ExecSpace>;
+  typename views::matrix logits;             ///< [T,E] router logits x·Gᵀ (what a load-balancing loss needs)
+  typename views::matrix probs;              ///< [T,E] softmax of the logits
+  typename views::index_matrix topk_idx;     ///< [T,k] chosen experts, descending probability
+  typename views::matrix topk_weight;        ///< [T,k] renormalised weights
+  core::DispatchPlan<typename views::memory_space> plan;  ///< pairs grouped by (global) expert, padded offsets too
+  /// Rows per expert (global experts), on the host.
+  const std::vector<std::int64_t>& expert_counts() const { return plan.counts_host; }
+};
+
+/// What expert_forward saves for expert_backward.
+template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
+struct ExpertContext {
+  using views = MoeViews<T, ExecSpace>;
+  typename views::const_matrix x;   ///< [R,H] the input rows (a reference: keep them alive and unchanged)
+  std::vector<std::int64_t> offsets;  ///< host, E_local+1: local expert g owns rows [offsets[g], offsets[g+1])
+  typename views::matrix h1, h3;    ///< [R,F] x·W1ᵀ and x·W3ᵀ
+  typename views::matrix y;         ///< [R,H] the expert outputs
+};
+
+/// Gradients of a backward pass.
+template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
+struct MoeBackward {
+  typename MoeViews<T, ExecSpace>::matrix dx;  ///< [T,H]
+  MoeWeights<T, ExecSpace> grads;               ///< router = d gate, w1/w3/w2, shared_* (same shapes as the weights)
+};
+
+/// One MoE block. Not thread-safe: forward() saves the context that the next backward() consumes.
+/// \tparam T         double or float (float computes softmax in float32; bf16 checkpoints are widened to T on load)
+/// \tparam ExecSpace Kokkos execution space (Serial, OpenMP, ...); Views live in its memory space
+template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
+class MoeLayer {
+ public:
+  using views = MoeViews<T, ExecSpace>;
+  using matrix = typename views::matrix;
+  using const_matrix = typename views::const_matrix;
+
+  /// \param weights [in] the parameters (views are shared, not copied); InputError on inconsistent shapes
+  /// \param options [in] top_k, path, GEMM algorithm
+  /// \param space   [in] execution space instance all work runs on
+  MoeLayer(MoeWeights<T, ExecSpace> weights, MoeOptions options, ExecSpace space = ExecSpace());
+
+  const MoeWeights<T, ExecSpace>& weights() const { return weights_; }
+  const MoeOptions& options() const { return options_; }
+  const ExecSpace& space() const { return space_; }
+
+  // ---- single process: all experts local --------------------------------------------------------------------
+  /// y = block(x) [T,H]; saves the context for backward(). x must stay alive and unchanged until backward().
+  /// InputError when x is not [T,H] with H = hidden (message names the shape), or when the layer holds a slice.
+  matrix forward(const_matrix x);
+  /// Gradients of L = sum(y * dy) for the last forward(). InputError when dy's shape differs from y's.
+  MoeBackward<T, ExecSpace> backward(const_matrix dy);
+  /// The last forward()'s routing (logits for a load-balancing loss, counts per expert).
+  const Routing<T, ExecSpace>& routing() const { return routing_; }
+  /// The last forward()'s router logits [T,E].
+  matrix router_logits() const { return routing_.logits; }
+  /// The last forward()'s tokens per expert.
+  const std::vector<std::int64_t>& expert_counts() const { return routing_.expert_counts(); }
+
+  // ---- stages (expert parallelism calls these with an all-to-all between them) -------------------------------
+  /// (a) Route the local tokens: logits, softmax, top-k, plan (padded offsets with options().block).
+  Routing<T, ExecSpace> route(const_matrix x) const;
+  /// (a') Backward of route: dx += d_logits·G, d_router = d_logitsᵀ·x (overwritten).
+  void route_backward(const_matrix x, const Routing<T, ExecSpace>& routing, const_matrix d_topk_weight, matrix dx,
+                      matrix d_router) const;
+  /// Gather x's rows into dispatch order: row plan.pair_row[p] (or pair_padded_row with padded; padding rows zero).
+  matrix dispatch(const_matrix x, const Routing<T, ExecSpace>& routing, bool padded = false) const;
+  /// Backward of dispatch: dx (+)= the sum over each token's k rows of d_rows.
+  void dispatch_backward(const_matrix d_rows, const Routing<T, ExecSpace>& routing, matrix dx, bool padded = false,
+                         bool accumulate = false) const;
+  /// (b) Expert MLP on rows grouped by local expert: local expert g (global first_expert + g) owns rows
+  /// [offsets[g], offsets[g+1]); offsets has E_local+1 entries, offsets.back() = rows.extent(0).
+  ExpertContext<T, ExecSpace> expert_forward(const_matrix rows, std::vector<std::int64_t> offsets) const;
+  /// (b') Backward: d_rows [R,H] (out), d_w1/d_w3 [E_local,F,H], d_w2 [E_local,H,F] (out, overwritten).
+  void expert_backward(const ExpertContext<T, ExecSpace>& ctx, const_matrix dy_rows, matrix d_rows,
+                       typename views::tensor3 d_w1, typename views::tensor3 d_w3, typename views::tensor3 d_w2) const;
+  /// (c) y[t] (+)= sum_s topk_weight[t,s] · y_rows[row of (t,s)] (rows in dispatch order, padded or not).
+  void combine(const_matrix y_rows, const Routing<T, ExecSpace>& routing, matrix y, bool padded = false,
+               bool accumulate = false) const;
+  /// (c') Backward of combine: dy_rows (out, [R,H]) and d_topk_weight (out, [T,k]).
+  void combine_backward(const_matrix dy, const_matrix y_rows, const Routing<T, ExecSpace>& routing, matrix dy_rows,
+                        matrix d_topk_weight, bool padded = false) const;
+  /// Shared expert: y += Ws2 (silu(Ws1 x) * Ws3 x); returns its context (no-op without a shared expert).
+  ExpertContext<T, ExecSpace> shared_forward(const_matrix x, matrix y) const;
+  /// Backward of shared_forward: dx += ..., d_shared_w1/w3/w2 (out).
+  void shared_backward(const ExpertContext<T, ExecSpace>& ctx, const_matrix dy, matrix dx, matrix d_w1, matrix d_w3,
+                       matrix d_w2) const;
+
+ private:
+  MoeWeights<T, ExecSpace> weights_;
+  MoeOptions options_;
+  ExecSpace space_;
+  // The context of the last forward().
+  const_matrix x_;
+  Routing<T, ExecSpace> routing_;
+  ExpertContext<T, ExecSpace> experts_;  // Padded: the grouped context; Scatter: h1/h3/y in plan order
+  ExpertContext<T, ExecSpace> shared_;
+  bool have_forward_ = false;
+};
+
+}  // namespace kmoe::moe
+
+#include <kmoe/moe/detail/moe_layer_impl.hpp>

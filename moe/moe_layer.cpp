@@ -1,0 +1,24 @@
+// The common MoeLayer instantiations, compiled once: float and double on each enabled host execution space.
+#include <kmoe/moe/moe_layer.hpp>
+
+namespace kmoe::moe {
+
+ExpertImpl parse_expert_impl(const std::string& name) {
+  if (name == "scatter") return ExpertImpl::Scatter;
+  if (name == "padded") return ExpertImpl::Padded;
+  throw UsageError("expert implementation '" + name + "' is not one of scatter, padded");
+}
+
+#define KMOE_MOE_LAYER_INSTANTIATE(T, SPACE) \
+  template class MoeLayer<T, SPACE>;         \
+  template MoeWeights<T, SPACE> zeros_like(const MoeWeights<T, SPACE>&);
+#ifdef KOKKOS_ENABLE_SERIAL
+KMOE_MOE_LAYER_INSTANTIATE(double, Kokkos::Serial)
+KMOE_MOE_LAYER_INSTANTIATE(float, Kokkos::Serial)
+#endif
+#ifdef KOKKOS_ENABLE_OPENMP
+KMOE_MOE_LAYER_INSTANTIATE(double, Kokkos::OpenMP)
+KMOE_MOE_LAYER_INSTANTIATE(float, Kokkos::OpenMP)
+#endif
+
+}  // namespace kmoe::moe
