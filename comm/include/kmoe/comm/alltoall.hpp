@@ -1,0 +1,114 @@
+/// \file alltoall.hpp
+/// \brief All-to-all dispatch and combine of token rows over an expert-parallel group, forward and backward.
+///
+/// Data flow for one batch of T local tokens routed to k experts each (assignment a = t*k + s is token t's s-th expert):
+///   make_dispatch      counts per (peer, expert) exchanged once (alltoall_counts), the send/receive layout kept in the handle
+///   dispatch_forward   x [T, H] (or per-assignment rows [T*k, H]) -> rows [R, H] on the owners, grouped by local expert
+///   (expert compute on the grouped rows: expert_offsets() delimit each local expert's rows)
+///   combine_forward    expert rows [R, H'] -> [T*k, H'] back on the token's rank, in assignment order
+///   combine_backward   d[T*k, H'] -> [R, H'] grouped  (the transport of dispatch_forward)
+///   dispatch_backward  d[R, H]    -> [T*k, H] in assignment order (the transport of combine_forward; sum the k rows of a
+///                      token for dx)
+/// Within one local expert the received rows are ordered by source rank, then by the source's assignment order, so with
+/// tokens split contiguously over the ranks the rows of an expert come in the same order as in a single-process run.
+/// Data views live in Kokkos' default memory space and must be host-accessible for the MPI backend (device memory for
+/// NCCL); every call blocks until the data is in place (it fences Kokkos and synchronizes the communicator).
+#pragma once
+
+#include <kmoe/comm/communicator.hpp>
+#include <kmoe/comm/placement.hpp>
+
+#include <Kokkos_Core.hpp>
+#include <cstdint>
+#include <vector>
+
+namespace kmoe::comm {
+
+class ExpertParallel;
+
+/// The rows a transport returns for input rows of type RowView: a new LayoutRight view of the same (non-const) element
+/// type in Kokkos' default memory space.
+template <class RowView>
+using RowsOf = Kokkos::View<typename RowView::non_const_value_type**, Kokkos::LayoutRight,
+                            Kokkos::DefaultExecutionSpace::memory_space>;
+
+/// The layout of one dispatch, computed once and reused by combine and by both backward passes (no second count
+/// exchange). Holds a reference to the ep group communicator, which must outlive it.
+class DispatchHandle {
+ public:
+  using IndexView = Kokkos::View<std::int64_t*, Kokkos::DefaultExecutionSpace::memory_space>;
+
+  /// Plans the dispatch of `topk_idx` (T x k expert ids, each in [0, E)) over `ep_group`. Collective over ep_group:
+  /// exchanges the counts per (peer, expert). Throws kmoe::InputError naming the token and value for an expert id out
+  /// of range, kmoe::UsageError when ep_group.size() != placement.ep().
+  /// \param ep_group  [in] this rank's ep group (placement.ep() ranks)
+  /// \param placement [in] which ep rank owns which experts
+  /// \param topk_idx  [in] T x k expert ids of the local tokens (any memory space; copied to the host)
+  template <class IdxView>
+  DispatchHandle(Communicator& ep_group, const ExpertPlacement& placement, const IdxView& topk_idx);
+  /// The same from an ExpertParallel's ep group and placement.
+  template <class IdxView>
+  DispatchHandle(const ExpertParallel& layout, const IdxView& topk_idx);
+
+  std::int64_t num_tokens() const { return num_tokens_; }
+  int top_k() const { return top_k_; }
+  std::int64_t num_assignments() const { return num_tokens_ * top_k_; }
+  /// Rows this rank receives (and computes): the sum of its local experts' rows over the ep group.
+  std::int64_t num_received() const { return grouped_offsets_.back(); }
+  /// The experts this rank owns.
+  Range local_experts() const { return local_; }
+  /// num_local_experts + 1 offsets into the grouped rows: local expert j has rows [offsets[j], offsets[j+1]).
+  const std::vector<std::int64_t>& expert_offsets() const { return grouped_offsets_; }
+  Communicator& communicator() const { return *comm_; }
+
+  /// Rows sent to / received from each ep peer, with their offsets (host).
+  const std::vector<std::int64_t>& send_counts() const { return send_counts_; }
+  const std::vector<std::int64_t>& send_offsets() const { return send_offsets_; }
+  const std::vector<std::int64_t>& recv_counts() const { return recv_counts_; }
+  const std::vector<std::int64_t>& recv_offsets() const { return recv_offsets_; }
+  /// send_assignment()(i): the assignment at send position i (assignments sorted stably by expert).
+  const IndexView& send_assignment() const { return send_assignment_; }
+  /// grouped_source()(j): the position in the received (source-major) buffer of grouped row j.
+  const IndexView& grouped_source() const { return grouped_source_; }
+
+ private:
+  void plan(const std::int64_t* topk_host, const ExpertPlacement& placement);
+
+  Communicator* comm_;
+  std::int64_t num_tokens_ = 0;
+  int top_k_ = 1;
+  Range local_;
+  std::vector<std::int64_t> send_counts_, send_offsets_, recv_counts_, recv_offsets_, grouped_offsets_;
+  IndexView send_assignment_, grouped_source_;
+};
+
+/// Moves token rows to the ranks that own their experts, grouped by local expert.
+/// \param h    [in] the handle
+/// \param rows [in] [T, H] token rows (assignment a reads row a / k) or [T*k, H] assignment rows; LayoutRight
+/// \return [num_received, H], grouped by local expert (expert_offsets())
+template <class RowView>
+RowsOf<RowView> dispatch_forward(const DispatchHandle& h, const RowView& rows);
+
+/// Moves expert output rows back to their tokens' ranks.
+/// \param h       [in] the handle of the dispatch that produced the grouped rows
+/// \param grouped [in] [num_received, H'] rows grouped by local expert
+/// \return [T*k, H'] in assignment order (row t*k + s: token t's s-th expert)
+template <class RowView>
+RowsOf<RowView> combine_forward(const DispatchHandle& h, const RowView& grouped);
+
+/// The gradient of combine_forward: d[T*k, H'] in assignment order -> [num_received, H'] grouped.
+template <class RowView>
+RowsOf<RowView> combine_backward(const DispatchHandle& h, const RowView& d_rows) {
+  return dispatch_forward(h, d_rows);
+}
+
+/// The gradient of dispatch_forward: d[num_received, H] grouped -> [T*k, H] in assignment order (per assignment: the
+/// caller sums a token's k rows, which is what dx needs when dispatch_forward read token rows).
+template <class RowView>
+RowsOf<RowView> dispatch_backward(const DispatchHandle& h, const RowView& d_grouped) {
+  return combine_forward(h, d_grouped);
+}
+
+}  // namespace kmoe::comm
+
+#include <kmoe/comm/detail/alltoall_impl.hpp>
