@@ -1,0 +1,222 @@
+// MoeLayer on random data: finite-difference gradient checks of every parameter and of x (E not a power of two,
+// k = 1, k = E, experts without tokens, T = 1, a shared expert), both expert paths agreeing, Serial and OpenMP
+// agreeing, float against double, the stages composing like forward(), and shape errors.
+#include "kernel_test_util.hpp"
+
+#include <kmoe/moe/moe_layer.hpp>
+
+#include <functional>
+#include <vector>
+
+namespace {
+
+using namespace kmoe;
+using kmoe::test::fill_normal;
+using kmoe::test::max_abs_diff;
+using kmoe::test::rel_l2;
+
+struct Shape {
+  std::int64_t tokens, hidden, ffn, experts, top_k, shared;
+};
+
+template <class T, class Space>
+moe::MoeWeights<T, Space> random_weights(const Shape& s, std::uint64_t seed) {
+  moe::MoeWeights<T, Space> w;
+  using V = moe::MoeViews<T, Space>;
+  w.router = typename V::matrix("router", s.experts, s.hidden);
+  w.w1 = typename V::tensor3("w1", s.experts, s.ffn, s.hidden);
+  w.w3 = typename V::tensor3("w3", s.experts, s.ffn, s.hidden);
+  w.w2 = typename V::tensor3("w2", s.experts, s.hidden, s.ffn);
+  w.shared_w1 = typename V::matrix("sw1", s.shared, s.hidden);
+  w.shared_w3 = typename V::matrix("sw3", s.shared, s.hidden);
+  w.shared_w2 = typename V::matrix("sw2", s.hidden, s.shared);
+  fill_normal(w.router, seed + 1, 1.0);
+  fill_normal(w.w1, seed + 2, 0.5);
+  fill_normal(w.w3, seed + 3, 0.5);
+  fill_normal(w.w2, seed + 4, 0.5);
+  fill_normal(w.shared_w1, seed + 5, 0.5);
+  fill_normal(w.shared_w3, seed + 6, 0.5);
+  fill_normal(w.shared_w2, seed + 7, 0.5);
+  return w;
+}
+
+template <class W>
+std::vector<std::pair<const char*, std::function<double*(const W&)>>> tensors() {
+  return {{"router", [](const W& w) { return w.router.data(); }},
+          {"w1", [](const W& w) { return w.w1.data(); }},
+          {"w3", [](const W& w) { return w.w3.data(); }},
+          {"w2", [](const W& w) { return w.w2.data(); }},
+          {"shared_w1", [](const W& w) { return w.shared_w1.data(); }},
+          {"shared_w3", [](const W& w) { return w.shared_w3.data(); }},
+          {"shared_w2", [](const W& w) { return w.shared_w2.data(); }}};
+}
+
+template <class W>
+std::vector<std::size_t> sizes(const W& w) {
+  return {w.router.span(), w.w1.span(), w.w3.span(), w.w2.span(), w.shared_w1.span(), w.shared_w3.span(),
+          w.shared_w2.span()};
+}
+
+using Layer = moe::MoeLayer<double, Kokkos::Serial>;
+
+double loss(Layer& layer, const Layer::matrix& x, const Layer::matrix& dy) {
+  auto y = layer.forward(x);
+  double L = 0;
+  for (std::size_t i = 0; i < y.span(); ++i) L += y.data()[i] * dy.data()[i];
+  return L;
+}
+
+void check_gradients(const Shape& s, moe::ExpertImpl impl) {
+  SCOPED_TRACE(::testing::Message() << "T=" << s.tokens << " E=" << s.experts << " k=" << s.top_k
+                                    << " S=" << s.shared << (impl == moe::ExpertImpl::Scatter ? " scatter" : " padded"));
+  auto w = random_weights<double, Kokkos::Serial>(s, 11);
+  moe::MoeOptions opt;
+  opt.top_k = s.top_k;
+  opt.impl = impl;
+  opt.block = 4;
+  opt.tile_rows = 3;  // several tiles per expert in the scatter path
+  Layer layer(w, opt);
+  Layer::matrix x("x", s.tokens, s.hidden), dy("dy", s.tokens, s.hidden);
+  fill_normal(x, 21);
+  fill_normal(dy, 22);
+  layer.forward(x);
+  const auto selected = layer.routing().topk_idx;
+  auto g = layer.backward(dy);
+  const double eps = 1e-5;
+  auto directional = [&](double* p, const double* grad, std::size_t n, std::uint64_t seed, const char* what) {
+    if (n == 0) return;
+    std::vector<double> v(n), keep(p, p + n);
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> d;
+    double analytic = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      v[i] = d(rng);
+      analytic += v[i] * grad[i];
+    }
+    for (std::size_t i = 0; i < n; ++i) p[i] = keep[i] + eps * v[i];
+    const double lp = loss(layer, x, dy);
+    for (std::size_t i = 0; i < n; ++i) p[i] = keep[i] - eps * v[i];
+    const double lm = loss(layer, x, dy);
+    std::copy(keep.begin(), keep.end(), p);
+    const double fd = (lp - lm) / (2 * eps);
+    EXPECT_NEAR(analytic, fd, 1e-6 * std::max(1.0, std::abs(fd))) << what;
+  };
+  const auto ts = tensors<moe::MoeWeights<double, Kokkos::Serial>>();
+  const auto ns = sizes(w);
+  for (std::size_t i = 0; i < ts.size(); ++i) directional(ts[i].second(w), ts[i].second(g.grads), ns[i], 100 + i, ts[i].first);
+  directional(x.data(), g.dx.data(), x.span(), 99, "x");
+  layer.forward(x);
+  EXPECT_EQ(max_abs_diff(layer.routing().topk_idx, selected), 0.0) << "the selection moved during the check";
+}
+
+TEST(MoeLayer, GradientsMatchFiniteDifferences) {
+  const std::vector<Shape> shapes = {
+      {6, 5, 4, 5, 2, 0},   // E not a power of two
+      {6, 5, 4, 5, 1, 0},   // k = 1: routing weights are all 1, router gradient exactly 0
+      {5, 4, 3, 3, 3, 0},   // k = E
+      {2, 5, 4, 7, 2, 0},   // at least 3 experts without a token
+      {1, 4, 3, 6, 2, 3},   // T = 1, with a shared expert
+      {9, 6, 5, 6, 2, 4},   // shared expert
+  };
+  for (const auto& s : shapes)
+    for (auto impl : {moe::ExpertImpl::Scatter, moe::ExpertImpl::Padded}) check_gradients(s, impl);
+}
+
+TEST(MoeLayer, TopOneRoutingHasZeroRouterGradient) {
+  const Shape s{6, 5, 4, 5, 1, 0};
+  Layer layer(random_weights<double, Kokkos::Serial>(s, 3), moe::MoeOptions{1});
+  Layer::matrix x("x", s.tokens, s.hidden), dy("dy", s.tokens, s.hidden);
+  fill_normal(x, 1);
+  fill_normal(dy, 2);
+  layer.forward(x);
+  auto g = layer.backward(dy);
+  for (std::size_t i = 0; i < g.grads.router.span(); ++i) EXPECT_EQ(g.grads.router.data()[i], 0.0);
+}
+
+template <class T, class Space>
+moe::MoeBackward<T, Space> run(const Shape& s, moe::ExpertImpl impl, typename moe::MoeViews<T, Space>::matrix* y_out,
+                               core::GemmAlgo algo = core::GemmAlgo::Auto) {
+  moe::MoeOptions opt;
+  opt.top_k = s.top_k;
+  opt.impl = impl;
+  opt.gemm = algo;
+  moe::MoeLayer<T, Space> layer(random_weights<T, Space>(s, 5), opt);
+  typename moe::MoeViews<T, Space>::matrix x("x", s.tokens, s.hidden), dy("dy", s.tokens, s.hidden);
+  fill_normal(x, 6);
+  fill_normal(dy, 7);
+  *y_out = layer.forward(x);
+  return layer.backward(dy);
+}
+
+template <class A, class B>
+void expect_same(const A& a, const B& b, double tol) {
+  EXPECT_LE(rel_l2(a.dx, b.dx), tol) << "dx";
+  EXPECT_LE(rel_l2(a.grads.router, b.grads.router), tol) << "router";
+  EXPECT_LE(rel_l2(a.grads.w1, b.grads.w1), tol) << "w1";
+  EXPECT_LE(rel_l2(a.grads.w3, b.grads.w3), tol) << "w3";
+  EXPECT_LE(rel_l2(a.grads.w2, b.grads.w2), tol) << "w2";
+  EXPECT_LE(rel_l2(a.grads.shared_w1, b.grads.shared_w1), tol) << "shared_w1";
+  EXPECT_LE(rel_l2(a.grads.shared_w2, b.grads.shared_w2), tol) << "shared_w2";
+}
+
+TEST(MoeLayer, PathsSpacesAlgorithmsAndPrecisionsAgree) {
+  const Shape s{40, 16, 12, 6, 2, 8};
+  using S = Kokkos::Serial;
+  moe::MoeViews<double, S>::matrix y0, y1, y2;
+  auto ref = run<double, S>(s, moe::ExpertImpl::Scatter, &y0);
+  auto padded = run<double, S>(s, moe::ExpertImpl::Padded, &y1);
+  EXPECT_LE(rel_l2(y1, y0), 1e-13);
+  expect_same(padded, ref, 1e-13);
+  auto portable = run<double, S>(s, moe::ExpertImpl::Scatter, &y2, core::GemmAlgo::Kokkos);
+  EXPECT_LE(rel_l2(y2, y0), 1e-13);
+  expect_same(portable, ref, 1e-13);
+#ifdef KOKKOS_ENABLE_OPENMP
+  for (auto impl : {moe::ExpertImpl::Scatter, moe::ExpertImpl::Padded}) {
+    moe::MoeViews<double, Kokkos::OpenMP>::matrix yo;
+    auto omp = run<double, Kokkos::OpenMP>(s, impl, &yo);
+    EXPECT_LE(rel_l2(yo, y0), 1e-13);
+    expect_same(omp, ref, 1e-13);
+  }
+#endif
+  moe::MoeViews<float, S>::matrix yf;
+  auto f32 = run<float, S>(s, moe::ExpertImpl::Scatter, &yf);
+  EXPECT_LE(rel_l2(yf, y0), 1e-5);
+  expect_same(f32, ref, 1e-5);
+}
+
+TEST(MoeLayer, StagesComposeLikeForward) {
+  const Shape s{12, 8, 6, 5, 2, 0};
+  Layer layer(random_weights<double, Kokkos::Serial>(s, 9), moe::MoeOptions{2});
+  Layer::matrix x("x", s.tokens, s.hidden);
+  fill_normal(x, 10);
+  auto y_ref = layer.forward(x);
+  auto r = layer.route(x);
+  auto rows = layer.dispatch(x, r);
+  auto ctx = layer.expert_forward(rows, r.plan.offsets_host);
+  Layer::matrix y("y", s.tokens, s.hidden);
+  layer.combine(ctx.y, r, y);
+  EXPECT_LE(rel_l2(y, y_ref), 1e-14);
+  EXPECT_EQ(layer.expert_counts().size(), std::size_t(s.experts));
+  std::int64_t total = 0;
+  for (auto c : layer.expert_counts()) total += c;
+  EXPECT_EQ(total, s.tokens * s.top_k);
+  EXPECT_EQ(layer.router_logits().extent(1), std::size_t(s.experts));
+}
+
+TEST(MoeLayer, BadShapesAreInputErrors) {
+  const Shape s{4, 8, 6, 5, 2, 0};
+  auto w = random_weights<double, Kokkos::Serial>(s, 1);
+  Layer layer(w, moe::MoeOptions{2});
+  Layer::matrix x("x", 4, 7), dy("dy", 3, 8), good("x", 4, 8);
+  EXPECT_THROW(layer.forward(x), InputError);
+  EXPECT_THROW(layer.backward(good), InputError);  // no forward yet
+  layer.forward(good);
+  EXPECT_THROW(layer.backward(dy), InputError);
+  EXPECT_THROW(Layer(w, moe::MoeOptions{6}), InputError);
+  auto bad = w;
+  bad.w2 = moe::MoeViews<double, Kokkos::Serial>::tensor3("w2", 5, 8, 5);
+  EXPECT_THROW(Layer(bad, moe::MoeOptions{2}), InputError);
+  EXPECT_THROW(moe::parse_expert_impl("dense"), UsageError);
+}
+
+}  // namespace
