@@ -1,0 +1,215 @@
+/// \file kernels.hpp
+/// \brief kmoe's hand-written CUDA kernels (sm_90; bf16 storage, fp32 accumulation) behind raw pointers and a stream
+/// (STYLE habit 4). The .cu files under src/cuda include only CUDA headers and this header; the Kokkos side passes
+/// `view.data()` and `space.cuda_stream()`.
+///
+/// Conventions. Every pointer is device memory, row-major. bf16 tensors are passed as their 16-bit patterns
+/// (bf16_t = kmoe::bf16 = __nv_bfloat16 layout). T tokens, H hidden, F expert ffn, E experts, k slots per token;
+/// pair p = t*k + s names slot s of token t, P = T*k pairs. Every function only enqueues work on `stream` and returns
+/// without waiting, unless its comment says it blocks; none needs the host to learn split sizes (no host sync).
+/// Errors in arguments throw kmoe::InputError; failed CUDA calls throw kmoe::InternalError (check.hpp).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace kmoe::core::cuda {
+
+/// A bf16 value as its bit pattern (kmoe::bf16 and __nv_bfloat16 share this layout).
+using bf16_t = std::uint16_t;
+
+/// Row tile of the grouped GEMMs: the MegaBlocks padded layout rounds each expert's rows up to a multiple of it.
+inline constexpr int kGemmTileRows = 128;
+
+// ---- device -----------------------------------------------------------------------------------------------------
+
+/// Number of visible CUDA devices; 0 when there is no driver or no device (never throws).
+int device_count() noexcept;
+
+/// "NAME (sm_XY, N SMs, M MiB)" of the current device. Blocks.
+std::string device_description();
+
+/// y[i] += a * x[i]: the device script's first check that kmoe's own .cu code runs.
+void axpy(float a, const float* x, float* y, std::int64_t n, cudaStream_t stream);
+
+// ---- routing ----------------------------------------------------------------------------------------------------
+
+/// Fused softmax -> top-k -> renormalise, one warp per token (E <= 256, k <= min(E, 32)).
+/// Top-k is descending with ties to the lower expert index (torch.topk). probs may be nullptr (not stored).
+/// \param logits      [in]  [T,E] fp32
+/// \param probs       [out] [T,E] fp32 softmax over experts, or nullptr
+/// \param topk_idx    [out] [T,k] int64
+/// \param topk_weight [out] [T,k] fp32, the chosen probabilities divided by their sum
+void routing_softmax_topk(const float* logits, std::int64_t tokens, int experts, int k, float* probs,
+                          std::int64_t* topk_idx, float* topk_weight, cudaStream_t stream);
+
+/// Routing forward: logits = x·Gᵀ (tensor cores, fp32 out), then routing_softmax_topk.
+void routing_forward(const bf16_t* x, const bf16_t* gate, std::int64_t tokens, int hidden, int experts, int k,
+                     float* logits, float* probs, std::int64_t* topk_idx, float* topk_weight, cudaStream_t stream);
+
+/// Routing backward through renormalisation (top-k selection is a constant) and softmax:
+/// d_logits [T,E] fp32 from d_topk_weight; then d_gate = d_logitsᵀ·x [E,H] fp32 (overwritten) and
+/// dx [T,H] fp32 += d_logits·G.
+/// \param work [scratch] routing_backward_workspace_bytes(T, E) bytes of device memory
+std::size_t routing_backward_workspace_bytes(std::int64_t tokens, int experts);
+void routing_backward(const bf16_t* x, const bf16_t* gate, const float* probs, const std::int64_t* topk_idx,
+                      const float* topk_weight, const float* d_topk_weight, std::int64_t tokens, int hidden,
+                      int experts, int k, float* d_logits, float* d_gate, float* dx, void* work, cudaStream_t stream);
+
+// ---- dispatch plan ----------------------------------------------------------------------------------------------
+
+/// Where each (token, slot) pair goes, built on the device from topk_idx alone (histogram, scan, stable grouping:
+/// within an expert, pairs keep ascending p). All arrays are device memory carved from one buffer.
+struct DispatchPlan {
+  std::int64_t tokens = 0, pairs = 0, padded_capacity = 0;
+  int experts = 0, k = 0;
+  std::int64_t* counts = nullptr;           ///< [E] pairs routed to expert e
+  std::int64_t* offsets = nullptr;          ///< [E+1] sorted rows of expert e are [offsets[e], offsets[e+1])
+  std::int64_t* tile_offsets = nullptr;     ///< [E+1] prefix of ceil(counts/kGemmTileRows): GEMM row tiles
+  std::int64_t* padded_offsets = nullptr;   ///< [E+1] MegaBlocks layout: each expert rounded up to kGemmTileRows
+  std::int64_t* padded_tile_offsets = nullptr;  ///< [E+1] padded_offsets / kGemmTileRows
+  std::int64_t* sorted_pair = nullptr;      ///< [P] sorted row -> pair
+  std::int64_t* pair_row = nullptr;         ///< [P] pair -> sorted row
+  std::int64_t* pair_padded_row = nullptr;  ///< [P] pair -> padded row
+  std::int64_t* padded_pair = nullptr;      ///< [padded_capacity] padded row -> pair, -1 on padding rows
+  std::int64_t* chunk_counts = nullptr;     ///< scratch: per-chunk histograms
+};
+
+/// Bytes of device memory a plan for these sizes needs (one allocation, passed to dispatch_plan_carve).
+std::size_t dispatch_plan_bytes(std::int64_t tokens, int experts, int k);
+/// Lays the plan's arrays out in `buffer` (dispatch_plan_bytes long, 256-byte aligned). Does not touch the device.
+DispatchPlan dispatch_plan_carve(void* buffer, std::int64_t tokens, int experts, int k);
+/// Fills the plan from topk_idx [T,k] (values in [0,E)).
+void dispatch_plan_build(const std::int64_t* topk_idx, const DispatchPlan& plan, cudaStream_t stream);
+
+// ---- gather / scatter -------------------------------------------------------------------------------------------
+
+/// dst[r,:] = scale[index[r]] * src[index[r] / div, :] for r < rows; zero rows where index[r] < 0 (padding).
+/// index nullptr: identity; scale nullptr: 1. Covers the MegaBlocks padded gather (index = padded_pair, div = k)
+/// and the gathered, weighted dy of both backwards (scale = topk_weight).
+void gather_rows(const bf16_t* src, std::int64_t cols, const std::int64_t* index, int div, const float* scale,
+                 bf16_t* dst, std::int64_t rows, cudaStream_t stream);
+
+/// Combine over slots: out[t,:] (+)= sum_s w[t,s] * src[row(t*k+s), :], row = row_map[p] or p when row_map is
+/// nullptr; w nullptr: unweighted (the backward of a gather). Deterministic (no atomics). Output bf16 or fp32.
+void combine_rows(const bf16_t* src, std::int64_t cols, const std::int64_t* row_map, const float* w,
+                  std::int64_t tokens, int k, bf16_t* out_bf16, float* out_f32, bool accumulate, cudaStream_t stream);
+
+/// d_w[t,s] = <dy[t,:], src[row(t*k+s),:]> (fp32): the gradient of the combine weights.
+void pair_dot(const bf16_t* dy, const bf16_t* src, std::int64_t cols, const std::int64_t* row_map,
+              std::int64_t tokens, int k, float* d_w, cudaStream_t stream);
+
+// ---- grouped GEMMs (bf16 tensor cores, fp32 accumulate) ----------------------------------------------------------
+
+/// Row-grouped GEMM: for each group g and row r in [offsets[g], offsets[g+1]):
+///   C[crow(r), :] = A[arow(r), :] · op(B_g)
+/// arow(r) = a_index ? a_index[r] / a_div : r (a_index[r] < 0 reads a zero row); crow(r) = c_index ? c_index[r] : r.
+/// B_g is stored [N,K] (b_trans: C = A·B_gᵀ, e.g. x·W1ᵀ) or [K,N] (C = A·B_g, e.g. dy·W2). Its stored rows come from
+/// two tensors stacked along the stored-row axis: rows j < b_split from b0 (b_split rows per group), the rest from
+/// b1 (stored_rows - b_split per group) — so [W1;W3] needs no concatenated copy. b1 nullptr: all from b0.
+/// offsets/tile_offsets nullptr: one group of `rows` rows. The grid is sized for `rows` (an upper bound on
+/// offsets[G]) plus one partial tile per group, so the host never learns the split sizes.
+struct GroupedGemmArgs {
+  int groups = 1;
+  std::int64_t rows = 0;                       ///< rows when ungrouped; upper bound of offsets[groups] otherwise
+  std::int64_t n = 0, k = 0;
+  const std::int64_t* offsets = nullptr;       ///< [groups+1] device
+  const std::int64_t* tile_offsets = nullptr;  ///< [groups+1] device: prefix of ceil(rows_g / kGemmTileRows)
+  const bf16_t* a = nullptr;
+  std::int64_t lda = 0;
+  const std::int64_t* a_index = nullptr;
+  int a_div = 1;
+  bool b_trans = true;
+  const bf16_t* b0 = nullptr;
+  const bf16_t* b1 = nullptr;
+  std::int64_t b_split = 0;
+  bf16_t* c_bf16 = nullptr;                    ///< one of c_bf16 / c_f32
+  float* c_f32 = nullptr;
+  std::int64_t ldc = 0;
+  const std::int64_t* c_index = nullptr;
+  bool accumulate = false;                     ///< C += (fp32 output only)
+};
+void grouped_gemm(const GroupedGemmArgs& args, cudaStream_t stream);
+
+/// Weight-gradient grouped GEMM: C_g[m,n] = sum over rows r of group g of A[arow(r), m] * B[brow(r), n] (fp32 out,
+/// overwritten; an empty group gets zeros). C_g rows m < c_split go to c0 (c_split rows per group), the rest to c1
+/// (so d[W1;W3] lands in dW1 and dW3). arow/brow as in GroupedGemmArgs.
+struct GroupedGemmTNArgs {
+  int groups = 1;
+  std::int64_t rows = 0;                   ///< when offsets is nullptr: one group of this many rows
+  std::int64_t m = 0, n = 0;
+  const std::int64_t* offsets = nullptr;   ///< [groups+1] device
+  const bf16_t* a = nullptr;
+  std::int64_t lda = 0;
+  const std::int64_t* a_index = nullptr;
+  int a_div = 1;
+  const bf16_t* b = nullptr;
+  std::int64_t ldb = 0;
+  const std::int64_t* b_index = nullptr;
+  int b_div = 1;
+  float* c0 = nullptr;
+  float* c1 = nullptr;
+  std::int64_t c_split = 0;                ///< c1 nullptr: all rows to c0 (c_split ignored)
+};
+void grouped_gemm_tn(const GroupedGemmTNArgs& args, cudaStream_t stream);
+
+// ---- SwiGLU ------------------------------------------------------------------------------------------------------
+
+/// act[r,f] = silu(h13[r,f]) * h13[r,F+f] for r < rows (h13 = [x·W1ᵀ | x·W3ᵀ], [rows, 2F]).
+void swiglu_forward(const bf16_t* h13, std::int64_t rows, std::int64_t ffn, bf16_t* act, cudaStream_t stream);
+/// dh13[r,f] = d_act * h3 * silu'(h1), dh13[r,F+f] = d_act * silu(h1).
+void swiglu_backward(const bf16_t* h13, const bf16_t* d_act, std::int64_t rows, std::int64_t ffn, bf16_t* dh13,
+                     cudaStream_t stream);
+
+// ---- the MoE block ----------------------------------------------------------------------------------------------
+
+/// How expert rows are laid out. Scattered (ScatterMoE): GEMMs read token rows through the plan and write results in
+/// pair order, no padded copy. Padded (MegaBlocks): rows gathered into per-expert blocks padded to kGemmTileRows.
+enum class MoePath { Scattered, Padded };
+
+struct MoeShape {
+  std::int64_t tokens = 0;
+  int hidden = 0, ffn = 0, experts = 0, k = 0;
+};
+
+/// The block's parameters (bf16): router G [E,H], W1/W3 [E,F,H], W2 [E,H,F].
+struct MoeWeights {
+  const bf16_t* gate = nullptr;
+  const bf16_t* w1 = nullptr;
+  const bf16_t* w3 = nullptr;
+  const bf16_t* w2 = nullptr;
+};
+
+/// What the forward keeps for the backward, and the plan; carved from one workspace buffer.
+struct MoeSaved {
+  MoeShape shape;
+  MoePath path = MoePath::Scattered;
+  DispatchPlan plan;
+  float* logits = nullptr;        ///< [T,E]
+  float* probs = nullptr;         ///< [T,E]
+  std::int64_t* topk_idx = nullptr;  ///< [T,k]
+  float* topk_weight = nullptr;   ///< [T,k]
+  bf16_t* h13 = nullptr;          ///< [R,2F] R = P (scattered) or padded_capacity
+  bf16_t* act = nullptr;          ///< [R,F]
+  bf16_t* out = nullptr;          ///< [R,H] unweighted expert outputs (pair order when scattered)
+  bf16_t* xg = nullptr;           ///< [R,H] padded gathered x (padded path only)
+  void* scratch = nullptr;        ///< backward scratch
+  std::size_t scratch_bytes = 0;
+};
+
+/// Bytes of workspace moe_forward + moe_backward need for this shape and path.
+std::size_t moe_workspace_bytes(const MoeShape& shape, MoePath path);
+/// Lays out a MoeSaved in `workspace` (moe_workspace_bytes long). Does not touch the device.
+MoeSaved moe_carve(void* workspace, const MoeShape& shape, MoePath path);
+
+/// y [T,H] bf16 = sum_s w_s * W2_e (silu(W1_e x) * W3_e x) with top-k softmax routing. Enqueued on stream.
+void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& saved, bf16_t* y, cudaStream_t stream);
+
+/// Gradients of L = <y, dy>: dx [T,H] fp32, d_gate [E,H], dW1/dW3 [E,F,H], dW2 [E,H,F] fp32 (all overwritten).
+void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& saved, const bf16_t* dy, float* dx,
+                  float* d_gate, float* dw1, float* dw3, float* dw2, cudaStream_t stream);
+
+}  // namespace kmoe::core::cuda
