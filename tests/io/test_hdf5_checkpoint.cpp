@@ -1,0 +1,268 @@
+// Sharded HDF5 checkpoints (io/hdf5_checkpoint.hpp): round trip, re-slicing on load, atomic saves under SIGKILL,
+// and clear errors for a missing, corrupt or truncated shard.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <kmoe/core/bf16.hpp>
+#include <kmoe/core/error.hpp>
+#include <kmoe/io/hdf5_checkpoint.hpp>
+#include <numeric>
+
+#include "hdf5_test_data.hpp"
+#include "kmoe_test.hpp"
+
+namespace {
+
+using namespace kmoe::test::hdf5;
+using kmoe::InputError;
+
+TEST(Hdf5Checkpoint, RoundTripOneRank) {
+  kmoe::test::ScratchDir tmp("hdf5-roundtrip");
+  const fs::path dir = tmp.path() / "checkpoint-3";
+  save_one_process(dir, 3);
+  EXPECT_TRUE(kmoe::io::is_hdf5_checkpoint(dir));
+  EXPECT_TRUE(fs::exists(dir / "rank-00000-of-00001.h5"));
+  const auto ck = Hdf5Checkpoint::open(dir);
+  EXPECT_EQ(ck.saved_world_size(), 1);
+  EXPECT_EQ(ck.names(), (std::vector<std::string>{"counters", "model.embed.weight", "moe.0.w1"}));
+  EXPECT_EQ(ck.attributes().at("optimizer"), "adamw");
+  EXPECT_EQ(ck.attributes().at("lr"), "0.001");
+  ASSERT_EQ(ck.expert_ranges().size(), 1u);
+  EXPECT_EQ(ck.expert_ranges()[0], (std::pair<std::int64_t, std::int64_t>{0, kE}));
+  const auto& src = ck.source();
+  const auto plan = make_plan();
+  ASSERT_EQ(src.tensors.size(), plan.tensors.size());
+  for (std::size_t i = 0; i < plan.tensors.size(); ++i) {
+    EXPECT_EQ(src.tensors[i].name, plan.tensors[i].name);
+    EXPECT_EQ(src.tensors[i].file, plan.tensors[i].file);
+    EXPECT_EQ(src.tensors[i].dtype, plan.tensors[i].dtype);
+    EXPECT_EQ(src.tensors[i].shape, plan.tensors[i].shape);
+  }
+  ASSERT_EQ(src.files.size(), 2u);
+  EXPECT_EQ(src.files[0].metadata, plan.files[0].metadata);
+  EXPECT_TRUE(src.files[0].has_metadata);
+  EXPECT_FALSE(src.files[1].has_metadata);
+  EXPECT_EQ(src.files[1].tensors, plan.files[1].tensors);
+  EXPECT_EQ(src.text_files, plan.text_files);
+  for (int ranks : {1, 2, 3, 7, 9}) expect_contents(ck, 3, ranks);
+  EXPECT_EQ(kmoe::io::latest_checkpoint(tmp.path()), dir);
+}
+
+TEST(Hdf5Checkpoint, ReplacesAnExistingCheckpoint) {
+  kmoe::test::ScratchDir tmp("hdf5-replace");
+  const fs::path dir = tmp.path() / "checkpoint-5";
+  save_one_process(dir, 5);
+  save_one_process(dir, 6);  // same directory, new contents
+  expect_contents(Hdf5Checkpoint::open(dir), 6, 2);
+  for (const auto& e : fs::directory_iterator(tmp.path()))
+    EXPECT_EQ(e.path().filename().string().rfind(".", 0), std::string::npos) << "leftover " << e.path();
+}
+
+TEST(Hdf5Checkpoint, BadPiecesAreRejectedAtSave) {
+  kmoe::test::ScratchDir tmp("hdf5-badpieces");
+  const Saved s = make_data(0);
+  auto c = contents_for(s, 0, 0, 1);
+  c.tensors.push_back(c.tensors[0]);
+  EXPECT_THROW(kmoe::io::save_hdf5_checkpoint(tmp.path() / "a", c), InputError);
+  c = contents_for(s, 0, 0, 1);
+  c.tensors[0].row_end = kE + 1;
+  EXPECT_THROW(kmoe::io::save_hdf5_checkpoint(tmp.path() / "b", c), InputError);
+  c = contents_for(s, 0, 0, 1);
+  c.tensors[0].name = "a/b";
+  EXPECT_THROW(kmoe::io::save_hdf5_checkpoint(tmp.path() / "c", c), InputError);
+  EXPECT_FALSE(fs::exists(tmp.path() / "a"));
+  EXPECT_EQ(kmoe::io::latest_checkpoint(tmp.path()), fs::path());
+}
+
+// Gaps in a tensor's rows (a rank's piece missing) are an error at open, naming the tensor and the rows.
+TEST(Hdf5Checkpoint, MissingRowsAreReported) {
+  kmoe::test::ScratchDir tmp("hdf5-gap");
+  const Saved s = make_data(0);
+  auto c = contents_for(s, 0, 0, 1);
+  c.tensors[0].row_begin = 2;
+  c.tensors[0].data = s.stack.data() + 2 * kR * kC;
+  kmoe::io::save_hdf5_checkpoint(tmp.path() / "checkpoint-0", c);
+  try {
+    Hdf5Checkpoint::open(tmp.path() / "checkpoint-0");
+    FAIL() << "expected InputError";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("moe.0.w1 rows [0,2) are missing"), std::string::npos) << e.what();
+  }
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(Hdf5Checkpoint, MissingShardIsReported) {
+  kmoe::test::ScratchDir tmp("hdf5-missing");
+  const fs::path dir = tmp.path() / "checkpoint-1";
+  save_one_process(dir, 1);
+  fs::remove(dir / "rank-00000-of-00001.h5");
+  const std::string msg = error_of([&] { Hdf5Checkpoint::open(dir); });
+  EXPECT_NE(msg.find("missing shard rank-00000-of-00001.h5"), std::string::npos) << msg;
+  fs::remove(dir / "manifest.h5");
+  EXPECT_NE(error_of([&] { Hdf5Checkpoint::open(dir); }).find("no manifest.h5"), std::string::npos);
+  EXPECT_FALSE(kmoe::io::is_hdf5_checkpoint(dir));
+}
+
+void truncate_file(const fs::path& p, std::uintmax_t size) { fs::resize_file(p, size); }
+
+TEST(Hdf5Checkpoint, TruncatedShardIsReported) {
+  kmoe::test::ScratchDir tmp("hdf5-truncated");
+  const fs::path dir = tmp.path() / "checkpoint-1";
+  save_one_process(dir, 1);
+  const fs::path shard = dir / "rank-00000-of-00001.h5";
+  truncate_file(shard, fs::file_size(shard) / 2);
+  std::string msg = error_of([&] { Hdf5Checkpoint::open(dir); });
+  EXPECT_NE(msg.find("rank-00000-of-00001.h5"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
+  // A truncated manifest: HDF5 itself detects it; the error names the file.
+  save_one_process(dir, 2);
+  truncate_file(dir / "manifest.h5", fs::file_size(dir / "manifest.h5") - 100);
+  msg = error_of([&] { Hdf5Checkpoint::open(dir); });
+  EXPECT_NE(msg.find("manifest.h5"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("HDF5"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << "one line: " << msg;
+}
+
+// Flips one byte inside the stored data of moe.0.w1: the chunk checksum turns it into an error naming the dataset.
+TEST(Hdf5Checkpoint, CorruptDataIsReported) {
+  kmoe::test::ScratchDir tmp("hdf5-corrupt");
+  const fs::path dir = tmp.path() / "checkpoint-1";
+  save_one_process(dir, 1);
+  const fs::path shard = dir / "rank-00000-of-00001.h5";
+  std::string bytes;
+  {
+    std::ifstream f(shard, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(f), {});
+  }
+  const Saved s = make_data(1);
+  const std::string needle(reinterpret_cast<const char*>(s.stack.data() + 20), 4 * sizeof(float));
+  const auto at = bytes.find(needle);
+  ASSERT_NE(at, std::string::npos);
+  bytes[at + 1] = static_cast<char>(bytes[at + 1] ^ 0x5a);
+  {
+    std::ofstream f(shard, std::ios::binary | std::ios::trunc);
+    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  const auto ck = Hdf5Checkpoint::open(dir);  // metadata intact
+  const std::string msg = error_of([&] { ck.read("moe.0.w1"); });
+  EXPECT_NE(msg.find("rank-00000-of-00001.h5 dataset /tensors/moe.0.w1"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << "one line: " << msg;
+  // Other tensors still read.
+  EXPECT_EQ(ck.read("counters").size(), 24u);
+}
+
+TEST(Hdf5Checkpoint, NotACheckpointIsReported) {
+  kmoe::test::ScratchDir tmp("hdf5-garbage");
+  const fs::path dir = tmp.path() / "checkpoint-1";
+  fs::create_directories(dir);
+  std::ofstream(dir / "manifest.h5") << "this is not HDF5";
+  const std::string msg = error_of([&] { Hdf5Checkpoint::open(dir); });
+  EXPECT_NE(msg.find("manifest.h5"), std::string::npos) << msg;
+  EXPECT_FALSE(kmoe::io::is_hdf5_checkpoint(dir));
+}
+
+// A save killed (SIGKILL) at any stage leaves the previous checkpoint loadable and no partial one taken as valid.
+// The child process kills itself at the n-th stage of the save, for every n until a save completes.
+TEST(Hdf5Checkpoint, KilledSaveLeavesPreviousCheckpoint) {
+  kmoe::test::ScratchDir tmp("hdf5-kill");
+  const fs::path run = tmp.path();
+  save_one_process(run / "checkpoint-1", 1);
+  for (const bool replace : {false, true}) {
+    const fs::path target = replace ? run / "checkpoint-1" : run / "checkpoint-2";
+    int killed_at = 0;
+    for (int n = 0;; ++n) {
+      const pid_t pid = ::fork();
+      ASSERT_GE(pid, 0);
+      if (pid == 0) {
+        int calls = 0;
+        kmoe::io::SaveOptions opt;
+        opt.on_stage = [&](const std::string&) {
+          if (calls++ == n) ::raise(SIGKILL);
+        };
+        try {
+          save_one_process(target, replace ? 7 : 2, opt);
+        } catch (...) {
+          ::_exit(3);
+        }
+        ::_exit(0);
+      }
+      int status = 0;
+      ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+      if (WIFEXITED(status)) {
+        ASSERT_EQ(WEXITSTATUS(status), 0) << "save failed at n=" << n;
+        break;
+      }
+      ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+      ++killed_at;
+      if (replace) {
+        // checkpoint-1 holds either the old or the new state, complete.
+        const auto ck = Hdf5Checkpoint::open(target);
+        expect_contents(ck, ck.step(), 2);
+        EXPECT_TRUE(ck.step() == 1 || ck.step() == 7) << ck.step();
+      } else {
+        const fs::path latest = kmoe::io::latest_checkpoint(run);
+        ASSERT_FALSE(latest.empty());
+        const auto ck = Hdf5Checkpoint::open(latest);
+        expect_contents(ck, ck.step(), 3);
+        if (latest == run / "checkpoint-1") {
+          EXPECT_FALSE(kmoe::io::is_hdf5_checkpoint(target)) << "killed at stage " << n;
+          EXPECT_THROW(Hdf5Checkpoint::open(target), InputError);
+        }
+      }
+    }
+    EXPECT_GE(killed_at, 4) << "the save has at least prepare, tensor, rank file, manifest, rename stages";
+    expect_contents(Hdf5Checkpoint::open(target), replace ? 7 : 2, 1);
+  }
+  // Leftover temporary directories of killed saves are cleaned by the next save of the same name.
+  save_one_process(run / "checkpoint-2", 2);
+  for (const auto& e : fs::directory_iterator(run))
+    EXPECT_EQ(e.path().filename().string().rfind(".", 0), std::string::npos) << "leftover " << e.path();
+}
+
+// A kill at an arbitrary moment (not only at a stage boundary), with a save big enough to take a while.
+TEST(Hdf5Checkpoint, KilledAtRandomMomentsLeavesPreviousCheckpoint) {
+  kmoe::test::ScratchDir tmp("hdf5-kill-timed");
+  const fs::path run = tmp.path();
+  save_one_process(run / "checkpoint-1", 1);
+  std::vector<float> big(std::size_t(8) << 20, 1.5f);  // 32 MiB
+  for (int delay_us : {0, 2000, 8000, 20000, 50000}) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      const Saved s = make_data(2);
+      auto c = contents_for(s, 2, 0, 1);
+      c.tensors.push_back({"big", DType::F32, {std::int64_t(big.size())}, 0, std::int64_t(big.size()), big.data()});
+      try {
+        kmoe::io::save_hdf5_checkpoint(run / "checkpoint-2", c);
+      } catch (...) {
+        ::_exit(3);
+      }
+      ::_exit(0);
+    }
+    ::usleep(static_cast<useconds_t>(delay_us));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    const fs::path latest = kmoe::io::latest_checkpoint(run);
+    ASSERT_FALSE(latest.empty());
+    const auto ck = Hdf5Checkpoint::open(latest);
+    expect_contents(ck, ck.step(), 2);
+    if (latest == run / "checkpoint-2") EXPECT_EQ(ck.read("big").size(), big.size() * 4);
+    fs::remove_all(run / "checkpoint-2");
+  }
+}
+
+}  // namespace
