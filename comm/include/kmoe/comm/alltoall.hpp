@@ -26,6 +26,13 @@ namespace kmoe::comm {
 
 class ExpertParallel;
 
+/// The order of the k rows per token on the token's rank (the input of dispatch_forward/combine_backward, the output of
+/// combine_forward/dispatch_backward).
+enum class RowOrder {
+  pair,   ///< row t*k + s is token t's s-th expert
+  expert  ///< sorted by expert, ties in pair order: the row order of kmoe::core::DispatchPlan (MoeLayer's stages)
+};
+
 /// The rows a transport returns for input rows of type RowView: a new LayoutRight view of the same (non-const) element
 /// type in Kokkos' default memory space.
 template <class RowView>
@@ -66,7 +73,8 @@ class DispatchHandle {
   const std::vector<std::int64_t>& send_offsets() const { return send_offsets_; }
   const std::vector<std::int64_t>& recv_counts() const { return recv_counts_; }
   const std::vector<std::int64_t>& recv_offsets() const { return recv_offsets_; }
-  /// send_assignment()(i): the assignment at send position i (assignments sorted stably by expert).
+  /// send_assignment()(i): the assignment at send position i (assignments sorted stably by expert, i.e. position i is
+  /// row i of RowOrder::expert).
   const IndexView& send_assignment() const { return send_assignment_; }
   /// grouped_source()(j): the position in the received (source-major) buffer of grouped row j.
   const IndexView& grouped_source() const { return grouped_source_; }
@@ -84,29 +92,33 @@ class DispatchHandle {
 
 /// Moves token rows to the ranks that own their experts, grouped by local expert.
 /// \param h    [in] the handle
-/// \param rows [in] [T, H] token rows (assignment a reads row a / k) or [T*k, H] assignment rows; LayoutRight
+/// \param rows  [in] [T, H] token rows (assignment a reads row a / k) or [T*k, H] rows, one per assignment
+/// \param order [in] the order of [T*k, H] rows (ignored for token rows unless k == 1)
 /// \return [num_received, H], grouped by local expert (expert_offsets())
 template <class RowView>
-RowsOf<RowView> dispatch_forward(const DispatchHandle& h, const RowView& rows);
+RowsOf<RowView> dispatch_forward(const DispatchHandle& h, const RowView& rows, RowOrder order = RowOrder::pair);
 
 /// Moves expert output rows back to their tokens' ranks.
 /// \param h       [in] the handle of the dispatch that produced the grouped rows
 /// \param grouped [in] [num_received, H'] rows grouped by local expert
-/// \return [T*k, H'] in assignment order (row t*k + s: token t's s-th expert)
+/// \param order   [in] the order of the returned rows
+/// \return [T*k, H'] rows, one per assignment, in `order`
 template <class RowView>
-RowsOf<RowView> combine_forward(const DispatchHandle& h, const RowView& grouped);
+RowsOf<RowView> combine_forward(const DispatchHandle& h, const RowView& grouped, RowOrder order = RowOrder::pair);
 
-/// The gradient of combine_forward: d[T*k, H'] in assignment order -> [num_received, H'] grouped.
+/// The gradient of combine_forward: d[T*k, H'] in `order` -> [num_received, H'] grouped.
 template <class RowView>
-RowsOf<RowView> combine_backward(const DispatchHandle& h, const RowView& d_rows) {
-  return dispatch_forward(h, d_rows);
+RowsOf<RowView> combine_backward(const DispatchHandle& h, const RowView& d_rows, RowOrder order = RowOrder::pair) {
+  KMOE_CHECK_USAGE(static_cast<std::int64_t>(d_rows.extent(0)) == h.num_assignments(),
+                   "kmoe::comm::combine_backward: d_rows has ", d_rows.extent(0), " rows, expected ", h.num_assignments());
+  return dispatch_forward(h, d_rows, order);
 }
 
-/// The gradient of dispatch_forward: d[num_received, H] grouped -> [T*k, H] in assignment order (per assignment: the
+/// The gradient of dispatch_forward: d[num_received, H] grouped -> [T*k, H] in `order`, one row per assignment (the
 /// caller sums a token's k rows, which is what dx needs when dispatch_forward read token rows).
 template <class RowView>
-RowsOf<RowView> dispatch_backward(const DispatchHandle& h, const RowView& d_grouped) {
-  return combine_forward(h, d_grouped);
+RowsOf<RowView> dispatch_backward(const DispatchHandle& h, const RowView& d_grouped, RowOrder order = RowOrder::pair) {
+  return combine_forward(h, d_grouped, order);
 }
 
 }  // namespace kmoe::comm

@@ -22,16 +22,24 @@ std::vector<Index> to_host_row_major(const IdxView& v) {
   return out;
 }
 
-/// dst(i, :) = src(index(i) / div, :) for every row i of dst.
+/// The source row of row i: index(i) / div, or i itself when identity.
+struct SourceRow {
+  DispatchHandle::IndexView index;
+  Index div = 1;
+  bool identity = false;
+  KOKKOS_INLINE_FUNCTION Index operator()(Index i) const { return identity ? i : index(i) / div; }
+};
+
+/// dst(i, :) = src(from(i), :) for every row i of dst.
 template <class Dst, class Src>
-void gather_rows(const Dst& dst, const Src& src, const DispatchHandle::IndexView& index, Index div) {
+void gather_rows(const Dst& dst, const Src& src, const SourceRow& from) {
   const Index n = static_cast<Index>(dst.extent(0)), w = static_cast<Index>(dst.extent(1));
   if (n == 0 || w == 0) return;
   Kokkos::parallel_for(
       "kmoe::comm::gather_rows", Kokkos::RangePolicy<Kokkos::DefaultExecutionSpace, Kokkos::IndexType<Index>>(0, n * w),
       KOKKOS_LAMBDA(const Index ic) {
         const Index i = ic / w, c = ic % w;
-        dst(i, c) = src(index(i) / div, c);
+        dst(i, c) = src(from(i), c);
       });
 }
 
@@ -81,26 +89,29 @@ DispatchHandle::DispatchHandle(const ExpertParallel& layout, const IdxView& topk
     : DispatchHandle(layout.ep_group(), layout.placement(), topk_idx) {}
 
 template <class RowView>
-RowsOf<RowView> dispatch_forward(const DispatchHandle& h, const RowView& rows) {
+RowsOf<RowView> dispatch_forward(const DispatchHandle& h, const RowView& rows, RowOrder order) {
   detail::check_rows(rows, "dispatch_forward");
   const auto n = static_cast<std::int64_t>(rows.extent(0));
   KMOE_CHECK_USAGE(n == h.num_assignments() || n == h.num_tokens(), "kmoe::comm::dispatch_forward: rows has ", n,
                    " rows; expected ", h.num_tokens(), " (tokens) or ", h.num_assignments(), " (tokens x k)");
-  const std::int64_t div = n == h.num_assignments() ? 1 : h.top_k();
+  const bool per_assignment = n == h.num_assignments();
   const auto width = rows.extent(1);
   using Out = RowsOf<RowView>;
   Out send(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::dispatch_send"), h.num_assignments(), width);
   Out recv(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::dispatch_recv"), h.num_received(), width);
   Out out(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::dispatched"), h.num_received(), width);
-  detail::gather_rows(send, rows, h.send_assignment(), div);
+  // Send order is RowOrder::expert: rows in that order are sent as they are.
+  detail::gather_rows(send, rows,
+                      detail::SourceRow{h.send_assignment(), per_assignment ? 1 : h.top_k(),
+                                        per_assignment && order == RowOrder::expert});
   detail::exchange(h.communicator(), send, h.send_counts(), h.send_offsets(), recv, h.recv_counts(), h.recv_offsets());
-  detail::gather_rows(out, recv, h.grouped_source(), 1);
+  detail::gather_rows(out, recv, detail::SourceRow{h.grouped_source(), 1, false});
   Kokkos::fence();
   return out;
 }
 
 template <class RowView>
-RowsOf<RowView> combine_forward(const DispatchHandle& h, const RowView& grouped) {
+RowsOf<RowView> combine_forward(const DispatchHandle& h, const RowView& grouped, RowOrder order) {
   detail::check_rows(grouped, "combine_forward");
   KMOE_CHECK_USAGE(static_cast<std::int64_t>(grouped.extent(0)) == h.num_received(),
                    "kmoe::comm::combine_forward: grouped rows has ", grouped.extent(0), " rows; the dispatch delivered ",
@@ -109,10 +120,11 @@ RowsOf<RowView> combine_forward(const DispatchHandle& h, const RowView& grouped)
   using Out = RowsOf<RowView>;
   Out recv(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::combine_send"), h.num_received(), width);
   Out send(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::combine_recv"), h.num_assignments(), width);
-  Out out(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::combined"), h.num_assignments(), width);
   detail::scatter_rows(recv, grouped, h.grouped_source());
-  // The reverse route: what arrived from peer q goes back to q.
+  // The reverse route: what arrived from peer q goes back to q, in send order (= RowOrder::expert).
   detail::exchange(h.communicator(), recv, h.recv_counts(), h.recv_offsets(), send, h.send_counts(), h.send_offsets());
+  if (order == RowOrder::expert) return send;
+  Out out(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::combined"), h.num_assignments(), width);
   detail::scatter_rows(out, send, h.send_assignment());
   Kokkos::fence();
   return out;

@@ -1,0 +1,184 @@
+/// \file distributed_moe.hpp
+/// \brief kmoe::comm::DistributedMoe: a MoE block under expert parallelism — MoeLayer's stages with an all-to-all
+/// between them, forward and backward, and the gradient reduction that makes every rank's gradients whole.
+///
+/// Each rank holds the router and shared expert whole and the routed experts layout.local_experts() (a contiguous
+/// slice); it routes its own tokens, sends each (token, expert) row to the expert's owner in its ep group, runs
+/// MoeLayer::expert_forward on the rows it receives (grouped by local expert), sends the outputs back and combines them:
+///
+///   route -> DispatchHandle (counts exchanged once) -> dispatch_forward -> expert_forward -> combine_forward -> combine
+///   backward: combine_backward (layer) -> combine_backward (comm) -> expert_backward -> dispatch_backward (comm)
+///             -> dispatch_backward (layer) -> route_backward, shared expert beside
+///
+/// The rows of one expert arrive ordered by source rank, then by token, so with tokens split contiguously over the
+/// ranks every expert GEMM sees its rows in the single-process order.
+#pragma once
+
+#include <kmoe/comm/alltoall.hpp>
+#include <kmoe/comm/expert_parallel.hpp>
+#include <kmoe/comm/gradients.hpp>
+#include <kmoe/moe/moe_layer.hpp>
+
+#include <optional>
+
+namespace kmoe::comm {
+
+/// The weights one rank holds: the router and shared expert of `full`, and copies of the experts
+/// layout.local_experts() (first_expert set accordingly). UsageError when `full` does not hold all the placement's experts.
+template <class T, class ExecSpace>
+moe::MoeWeights<T, ExecSpace> local_slice(const moe::MoeWeights<T, ExecSpace>& full, const ExpertParallel& layout);
+
+/// One MoE block over an expert-parallel layout. Not thread-safe: forward() saves the context that backward() uses.
+template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
+class DistributedMoe {
+ public:
+  using Layer = moe::MoeLayer<T, ExecSpace>;
+  using matrix = typename Layer::matrix;
+  using const_matrix = typename Layer::const_matrix;
+
+  /// \param layout  [in] the world/ep/replica groups; must outlive this object
+  /// \param weights [in] this rank's weights (local_slice of the full ones, or loaded as such); InputError when the
+  ///                     expert slice is not layout.local_experts() or the router does not have placement().num_experts()
+  /// \param options [in] top_k, GEMM algorithm (the expert path is always the grouped one: rows arrive grouped)
+  /// \param space   [in] execution space instance
+  DistributedMoe(const ExpertParallel& layout, moe::MoeWeights<T, ExecSpace> weights, moe::MoeOptions options,
+                 ExecSpace space = ExecSpace());
+
+  /// y [T,H] for this rank's tokens x [T,H] (T may differ between ranks, may be 0). Collective over the ep group.
+  /// x must stay alive and unchanged until backward().
+  matrix forward(const_matrix x);
+
+  /// Gradients of L = sum(y * dy) (summed over all ranks' tokens once reduce_gradients() has run): dx for this rank's
+  /// tokens; grads.router/shared_* = this rank's tokens' share; grads.w1/w3/w2 = the local experts' gradients from
+  /// this ep group's tokens. Collective over the ep group.
+  moe::MoeBackward<T, ExecSpace> backward(const_matrix dy);
+
+  /// A GradientSet over `grads` (router and shared expert replicated, w1/w3/w2 expert slices): call reduce() to make
+  /// them whole on every rank, then global_norm() / clip(). The set refers to `grads`' views.
+  GradientSet gradient_set(const moe::MoeBackward<T, ExecSpace>& grads) const;
+
+  const Layer& layer() const { return layer_; }
+  const ExpertParallel& layout() const { return *layout_; }
+  /// The last forward()'s routing and dispatch handle.
+  const moe::Routing<T, ExecSpace>& routing() const { return routing_; }
+  const DispatchHandle& handle() const;
+
+ private:
+  const ExpertParallel* layout_;
+  Layer layer_;
+  // The context of the last forward().
+  const_matrix x_;
+  moe::Routing<T, ExecSpace> routing_;
+  std::optional<DispatchHandle> handle_;
+  matrix x_rows_;  // the dispatched rows (experts_.x refers to them)
+  moe::ExpertContext<T, ExecSpace> experts_, shared_;
+  matrix y_rows_;  // expert outputs back on this rank, in the plan's row order
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+
+template <class T, class ExecSpace>
+moe::MoeWeights<T, ExecSpace> local_slice(const moe::MoeWeights<T, ExecSpace>& full, const ExpertParallel& layout) {
+  const auto mine = layout.local_experts();
+  KMOE_CHECK_USAGE(full.first_expert == 0 && full.num_local_experts() == layout.placement().num_experts() &&
+                       full.num_experts() == layout.placement().num_experts(),
+                   "kmoe::comm::local_slice: the weights hold experts [", full.first_expert, ",",
+                   full.first_expert + full.num_local_experts(), ") of ", full.num_experts(),
+                   "; the placement needs all ", layout.placement().num_experts());
+  moe::MoeWeights<T, ExecSpace> w = full;
+  const auto slice = [&](const auto& v, const char* name) {
+    using V = std::decay_t<decltype(v)>;
+    V out(std::string(name), mine.count, v.extent(1), v.extent(2));
+    Kokkos::deep_copy(out, Kokkos::subview(v, Kokkos::make_pair(mine.begin, mine.end()), Kokkos::ALL, Kokkos::ALL));
+    return out;
+  };
+  w.w1 = slice(full.w1, "kmoe::local::w1");
+  w.w3 = slice(full.w3, "kmoe::local::w3");
+  w.w2 = slice(full.w2, "kmoe::local::w2");
+  w.first_expert = mine.begin;
+  return w;
+}
+
+template <class T, class ExecSpace>
+DistributedMoe<T, ExecSpace>::DistributedMoe(const ExpertParallel& layout, moe::MoeWeights<T, ExecSpace> weights,
+                                             moe::MoeOptions options, ExecSpace space)
+    : layout_(&layout), layer_(std::move(weights), options, space) {
+  const auto mine = layout.local_experts();
+  const auto& w = layer_.weights();
+  KMOE_CHECK_INPUT(w.num_experts() == layout.placement().num_experts(), "kmoe::comm::DistributedMoe: the router has ",
+                   w.num_experts(), " experts, the placement ", layout.placement().num_experts());
+  KMOE_CHECK_INPUT(w.first_expert == mine.begin && w.num_local_experts() == mine.count,
+                   "kmoe::comm::DistributedMoe: rank ", layout.world().rank(), " holds experts [", w.first_expert, ",",
+                   w.first_expert + w.num_local_experts(), "), its placement is [", mine.begin, ",", mine.end(), ")");
+}
+
+template <class T, class ExecSpace>
+const DispatchHandle& DistributedMoe<T, ExecSpace>::handle() const {
+  KMOE_CHECK_USAGE(handle_.has_value(), "kmoe::comm::DistributedMoe::handle: no forward() yet");
+  return *handle_;
+}
+
+template <class T, class ExecSpace>
+typename DistributedMoe<T, ExecSpace>::matrix DistributedMoe<T, ExecSpace>::forward(const_matrix x) {
+  Kokkos::Profiling::pushRegion("kmoe::comm::DistributedMoe::forward[alltoall]");
+  handle_.reset();
+  routing_ = layer_.route(x);
+  x_ = x;
+  handle_.emplace(layout_->ep_group(), layout_->placement(), routing_.topk_idx);
+  x_rows_ = dispatch_forward(*handle_, x);
+  experts_ = layer_.expert_forward(x_rows_, handle_->expert_offsets());
+  // Back in send order, which is the plan's row order (both are stable sorts of the pairs by expert).
+  y_rows_ = combine_forward(*handle_, experts_.y, RowOrder::expert);
+  matrix y(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("kmoe::comm::y")), x.extent(0), x.extent(1));
+  layer_.combine(y_rows_, routing_, y, false, false);
+  shared_ = layer_.shared_forward(x, y);
+  Kokkos::Profiling::popRegion();
+  return y;
+}
+
+template <class T, class ExecSpace>
+moe::MoeBackward<T, ExecSpace> DistributedMoe<T, ExecSpace>::backward(const_matrix dy) {
+  KMOE_CHECK_INPUT(handle_.has_value(), "kmoe::comm::DistributedMoe::backward: no forward() to differentiate");
+  KMOE_CHECK_INPUT(dy.extent(0) == x_.extent(0) && dy.extent(1) == x_.extent(1),
+                   "kmoe::comm::DistributedMoe::backward: dy is [", dy.extent(0), ",", dy.extent(1), "], expected [",
+                   x_.extent(0), ",", x_.extent(1), "]");
+  Kokkos::Profiling::pushRegion("kmoe::comm::DistributedMoe::backward[alltoall]");
+  const auto& h = *handle_;
+  const std::int64_t tokens = x_.extent(0), hidden = x_.extent(1);
+  moe::MoeBackward<T, ExecSpace> out;
+  out.grads = moe::zeros_like(layer_.weights());
+  matrix dy_rows(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("kmoe::comm::dy_rows")),
+                 h.num_assignments(), hidden);
+  matrix d_topk_weight(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("kmoe::comm::d_topk_weight")),
+                       tokens, h.top_k());
+  layer_.combine_backward(dy, y_rows_, routing_, dy_rows, d_topk_weight, false);
+  const matrix dy_grouped = combine_backward(h, dy_rows, RowOrder::expert);
+  matrix dx_grouped(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("kmoe::comm::dx_grouped")),
+                    h.num_received(), hidden);
+  layer_.expert_backward(experts_, dy_grouped, dx_grouped, out.grads.w1, out.grads.w3, out.grads.w2);
+  const matrix dx_rows = dispatch_backward(h, dx_grouped, RowOrder::expert);
+  out.dx = matrix(std::string("kmoe::comm::dx"), tokens, hidden);
+  layer_.dispatch_backward(dx_rows, routing_, out.dx, false, false);
+  layer_.route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router);
+  layer_.shared_backward(shared_, dy, out.dx, out.grads.shared_w1, out.grads.shared_w3, out.grads.shared_w2);
+  Kokkos::Profiling::popRegion();
+  return out;
+}
+
+template <class T, class ExecSpace>
+GradientSet DistributedMoe<T, ExecSpace>::gradient_set(const moe::MoeBackward<T, ExecSpace>& b) const {
+  GradientSet set(*layout_);
+  const auto& g = b.grads;
+  set.add("router", g.router, GradKind::replicated);
+  set.add("w1", g.w1, GradKind::expert);
+  set.add("w3", g.w3, GradKind::expert);
+  set.add("w2", g.w2, GradKind::expert);
+  if (g.has_shared()) {
+    set.add("shared_w1", g.shared_w1, GradKind::replicated);
+    set.add("shared_w3", g.shared_w3, GradKind::replicated);
+    set.add("shared_w2", g.shared_w2, GradKind::replicated);
+  }
+  return set;
+}
+
+}  // namespace kmoe::comm
