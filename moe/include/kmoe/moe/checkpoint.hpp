@@ -1,0 +1,41 @@
+/// \file checkpoint.hpp
+/// \brief A MoeLayer from a Hugging Face checkpoint directory and a layer index (through io's model specs).
+#pragma once
+
+#include <kmoe/io/checkpoint.hpp>
+#include <kmoe/io/model_spec.hpp>
+#include <kmoe/moe/moe_layer.hpp>
+
+namespace kmoe::moe {
+
+/// The weights of MoE layer `layer` in kmoe's layout, widened to T (bf16 -> float/double is exact), in ExecSpace's
+/// memory space (host Views are used as loaded, without a copy). InputError naming the checkpoint when `layer` is
+/// outside [0, num_hidden_layers), and io's errors for missing or misshapen tensors.
+template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
+MoeWeights<T, ExecSpace> load_weights(const io::HfCheckpoint& checkpoint, int layer) {
+  const auto& config = checkpoint.config();
+  KMOE_CHECK_INPUT(layer >= 0 && layer < config.num_layers, checkpoint.dir().string(), ": layer ", layer,
+                   " is out of range (the model has ", config.num_layers, " layers: 0..", config.num_layers - 1, ")");
+  auto host = io::load_moe_layer<T>(checkpoint, layer);
+  using Mem = typename ExecSpace::memory_space;
+  auto to_space = [](const auto& v) { return Kokkos::create_mirror_view_and_copy(Mem(), v); };
+  MoeWeights<T, ExecSpace> w;
+  w.router = to_space(host.router);
+  w.w1 = to_space(host.w1);
+  w.w3 = to_space(host.w3);
+  w.w2 = to_space(host.w2);
+  w.shared_w1 = to_space(host.shared_w1);
+  w.shared_w3 = to_space(host.shared_w3);
+  w.shared_w2 = to_space(host.shared_w2);
+  return w;
+}
+
+/// MoeLayer of MoE layer `layer` of `checkpoint`; options.top_k = 0 takes k from the config (num_experts_per_tok).
+template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
+MoeLayer<T, ExecSpace> layer_from_checkpoint(const io::HfCheckpoint& checkpoint, int layer, MoeOptions options,
+                                             ExecSpace space = ExecSpace()) {
+  if (options.top_k == 0) options.top_k = checkpoint.config().top_k;
+  return MoeLayer<T, ExecSpace>(load_weights<T, ExecSpace>(checkpoint, layer), options, space);
+}
+
+}  // namespace kmoe::moe
