@@ -5,13 +5,15 @@
 /// order its writer sorts tensors by (descending dtype, then name): kmoe's byte-exact writer relies on it.
 #pragma once
 
-#include <kmoe/core/bf16.hpp>
-
 #include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
+
+namespace kmoe {
+struct bf16;
+}
 
 namespace kmoe::io {
 
@@ -62,7 +64,8 @@ std::size_t dtype_size(DType dtype);
 /// (a packed sub-byte tensor with numel * bits not a multiple of 8).
 std::optional<std::uint64_t> dtype_nbytes(DType dtype, std::int64_t numel);
 
-/// True for the floating-point types that kmoe converts to float/double (F64, F32, F16, BF16, F8_E4M3, F8_E5M2).
+/// True for the floating-point types that kmoe converts to float/double (F64, F32, F16, BF16, F8_E4M3, F8_E5M2,
+/// F8_E8M0). F4/F6_* (packed) and C64 (complex) are stored and copied, never converted.
 bool dtype_is_float(DType dtype);
 
 /// True for BOOL and the integer types (U8..U64, I8..I64).

@@ -1,0 +1,247 @@
+// Hugging Face checkpoint directories: config.json, index json + shards or a single file; the index writer.
+#include <kmoe/io/checkpoint.hpp>
+
+#include <kmoe/io/atomic_file.hpp>
+#include <kmoe/io/model_spec.hpp>
+
+#include "detail/json.hpp"
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+namespace kmoe::io {
+namespace {
+
+constexpr const char* kIndexName = "model.safetensors.index.json";
+constexpr const char* kSingleName = "model.safetensors";
+
+detail::json read_json_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  KMOE_CHECK_INPUT(in.good(), path.string(), ": cannot open (missing?)");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  try {
+    return detail::json::parse(ss.str());
+  } catch (const detail::json::exception& e) {
+    std::string what = e.what();
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    throw InputError(detail::concat(path.string(), ": not valid JSON: ", what));
+  }
+}
+
+std::int64_t config_int(const detail::json& j, const std::string& key, const std::filesystem::path& path,
+                        bool required) {
+  const auto it = j.find(key);
+  if (it == j.end() || it->is_null()) {
+    KMOE_CHECK_INPUT(!required, path.string(), ": missing \"", key, "\"");
+    return 0;
+  }
+  KMOE_CHECK_INPUT(it->is_number_integer() && it->get<std::int64_t>() >= 0, path.string(), ": \"", key,
+                   "\" must be a non-negative integer, got ", it->dump());
+  return it->get<std::int64_t>();
+}
+
+std::string config_string(const detail::json& j, const std::string& key, const std::filesystem::path& path) {
+  const auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return "";
+  KMOE_CHECK_INPUT(it->is_string(), path.string(), ": \"", key, "\" must be a string, got ", it->dump());
+  return it->get<std::string>();
+}
+
+/// A shard name from the index must stay inside the checkpoint directory.
+void check_shard_name(const std::string& file, const std::filesystem::path& index) {
+  const std::filesystem::path p(file);
+  bool ok = !file.empty() && p.is_relative();
+  for (const auto& part : p) ok = ok && part != "..";
+  KMOE_CHECK_INPUT(ok, index.string(), ": shard file '", file, "' is not a file inside the checkpoint directory");
+}
+
+}  // namespace
+
+ModelConfig read_model_config(const std::filesystem::path& config_json) {
+  const detail::json j = read_json_file(config_json);
+  KMOE_CHECK_INPUT(j.is_object(), config_json.string(), ": not a JSON object");
+  ModelConfig c;
+  if (const auto a = j.find("architectures"); a != j.end() && !a->is_null()) {
+    KMOE_CHECK_INPUT(a->is_array() && !a->empty() && (*a)[0].is_string(), config_json.string(),
+                     ": \"architectures\" must be a non-empty array of strings, got ", a->dump());
+    c.architecture = (*a)[0].get<std::string>();
+  }
+  c.model_type = config_string(j, "model_type", config_json);
+  c.hidden_act = config_string(j, "hidden_act", config_json);
+  if (c.hidden_act.empty()) c.hidden_act = "silu";  // transformers' default for every MoE family kmoe knows
+  c.dtype = config_string(j, "dtype", config_json);
+  if (c.dtype.empty()) c.dtype = config_string(j, "torch_dtype", config_json);
+  // An architecture with a spec must have every field its MoE layers need; any other still reads, for inspection.
+  const ModelSpec* spec = find_spec(c.architecture);
+  const bool req = spec != nullptr;
+  c.hidden_size = config_int(j, "hidden_size", config_json, req);
+  c.num_layers = config_int(j, "num_hidden_layers", config_json, req);
+  c.intermediate_size = config_int(j, spec ? spec->intermediate_key : "intermediate_size", config_json, req);
+  c.num_experts = config_int(j, spec ? spec->num_experts_key : "num_local_experts", config_json, req);
+  c.top_k = config_int(j, spec ? spec->top_k_key : "num_experts_per_tok", config_json, req);
+  if (!spec || !spec->shared_intermediate_key.empty())
+    c.shared_intermediate_size =
+        config_int(j, spec ? spec->shared_intermediate_key : "shared_intermediate_size", config_json, req);
+  if (spec) {
+    KMOE_CHECK_INPUT(c.hidden_size > 0 && c.intermediate_size > 0 && c.num_experts > 0 && c.num_layers > 0,
+                     config_json.string(), ": hidden_size, ", spec->intermediate_key, ", ", spec->num_experts_key,
+                     " and num_hidden_layers must be positive");
+    KMOE_CHECK_INPUT(c.top_k >= 1 && c.top_k <= c.num_experts, config_json.string(), ": ", spec->top_k_key, " = ",
+                     c.top_k, " must be in [1, ", spec->num_experts_key, " = ", c.num_experts, "]");
+    KMOE_CHECK_INPUT(!spec->has_shared_expert() || c.shared_intermediate_size > 0, config_json.string(), ": ",
+                     spec->shared_intermediate_key, " must be positive for ", spec->architecture);
+  }
+  return c;
+}
+
+HfCheckpoint HfCheckpoint::open(const std::filesystem::path& dir) {
+  HfCheckpoint ck;
+  ck.dir_ = dir;
+  KMOE_CHECK_INPUT(std::filesystem::is_directory(dir), dir.string(), ": not a checkpoint directory");
+  ck.config_ = read_model_config(dir / "config.json");
+  const auto index_path = dir / kIndexName;
+  if (std::filesystem::exists(index_path)) {
+    ck.sharded_ = true;
+    const detail::json j = read_json_file(index_path);
+    KMOE_CHECK_INPUT(j.is_object(), index_path.string(), ": not a JSON object");
+    const auto wm = j.find("weight_map");
+    KMOE_CHECK_INPUT(wm != j.end() && wm->is_object(), index_path.string(), ": missing \"weight_map\" object");
+    for (auto it = wm->begin(); it != wm->end(); ++it) {
+      KMOE_CHECK_INPUT(it->is_string(), index_path.string(), ": weight_map entry of '", it.key(),
+                       "' must be a file name, got ", it->dump());
+      const std::string file = it->get<std::string>();
+      check_shard_name(file, index_path);
+      ck.plan_.push_back({it.key(), file});
+      ck.file_of_[it.key()] = file;
+    }
+    for (const auto& e : ck.plan_) {
+      if (ck.shards_.count(e.file)) continue;
+      const auto shard_path = dir / e.file;
+      KMOE_CHECK_INPUT(std::filesystem::exists(shard_path), shard_path.string(), ": missing shard (", kIndexName,
+                       " lists it for tensor '", e.tensor, "')");
+      ck.shards_.emplace(e.file, SafetensorsFile::open(shard_path));
+    }
+    for (const auto& e : ck.plan_)
+      KMOE_CHECK_INPUT(ck.shards_.at(e.file).has(e.tensor), (dir / e.file).string(), ": no tensor '", e.tensor,
+                       "' although ", kIndexName, " places it in this shard");
+    for (const auto& [file, shard] : ck.shards_)
+      for (const auto& t : shard.tensors())
+        KMOE_CHECK_INPUT(ck.file_of_.count(t.name) && ck.file_of_.at(t.name) == file, t.where(), ": not listed in ",
+                         kIndexName, ck.file_of_.count(t.name) ? " for this shard" : "");
+    std::int64_t size = 0, params = 0;
+    for (const auto& e : ck.plan_) {
+      const auto& t = ck.shards_.at(e.file).tensor(e.tensor);
+      size += static_cast<std::int64_t>(t.nbytes);
+      params += t.numel();
+    }
+    ck.total_size_ = size;
+    ck.total_parameters_ = params;
+    if (const auto md = j.find("metadata"); md != j.end() && md->is_object()) {
+      if (const auto ts = md->find("total_size"); ts != md->end() && ts->is_number_integer())
+        ck.total_size_ = ts->get<std::int64_t>();
+      if (const auto tp = md->find("total_parameters"); tp != md->end() && tp->is_number_integer())
+        ck.total_parameters_ = tp->get<std::int64_t>();
+    }
+  } else {
+    const auto single = dir / kSingleName;
+    KMOE_CHECK_INPUT(std::filesystem::exists(single), dir.string(), ": neither ", kSingleName, " nor ", kIndexName);
+    auto f = SafetensorsFile::open(single);
+    for (const auto& t : f.tensors()) {
+      ck.plan_.push_back({t.name, kSingleName});
+      ck.file_of_[t.name] = kSingleName;
+      ck.total_size_ += static_cast<std::int64_t>(t.nbytes);
+      ck.total_parameters_ += t.numel();
+    }
+    ck.shards_.emplace(kSingleName, std::move(f));
+  }
+  return ck;
+}
+
+bool HfCheckpoint::has(const std::string& name) const { return file_of_.count(name) != 0; }
+
+const TensorView& HfCheckpoint::tensor(const std::string& name) const {
+  const auto it = file_of_.find(name);
+  KMOE_CHECK_INPUT(it != file_of_.end(), dir_.string(), ": checkpoint has no tensor '", name, "'");
+  return shards_.at(it->second).tensor(name);
+}
+
+std::vector<std::string> HfCheckpoint::tensor_names() const {
+  std::vector<std::string> out;
+  out.reserve(plan_.size());
+  for (const auto& e : plan_) out.push_back(e.tensor);
+  return out;
+}
+
+std::vector<std::string> HfCheckpoint::shard_files() const {
+  std::vector<std::string> out;
+  for (const auto& [file, shard] : shards_) out.push_back(file);
+  return out;  // std::map: sorted
+}
+
+const SafetensorsFile& HfCheckpoint::shard(const std::string& file) const {
+  const auto it = shards_.find(file);
+  KMOE_CHECK_INPUT(it != shards_.end(), dir_.string(), ": no shard '", file, "'");
+  return it->second;
+}
+
+std::string index_json_text(const std::vector<ShardEntry>& weight_map, std::int64_t total_size,
+                            std::int64_t total_parameters) {
+  // transformers: json.dumps(index, indent=2, sort_keys=True) + "\n". nlohmann's objects are sorted maps and its
+  // indented dump with ensure_ascii matches Python's formatting (", " / ": " separators, \uXXXX escapes).
+  detail::json j;
+  j["metadata"]["total_parameters"] = total_parameters;
+  j["metadata"]["total_size"] = total_size;
+  j["weight_map"] = detail::json::object();
+  for (const auto& e : weight_map) {
+    KMOE_CHECK_INPUT(!j["weight_map"].contains(e.tensor), "index json: tensor '", e.tensor, "' listed twice");
+    j["weight_map"][e.tensor] = e.file;
+  }
+  return j.dump(2, ' ', /*ensure_ascii=*/true) + "\n";
+}
+
+void write_index_json(const std::filesystem::path& path, const std::vector<ShardEntry>& weight_map,
+                      std::int64_t total_size, std::int64_t total_parameters) {
+  write_file_atomic(path, index_json_text(weight_map, total_size, total_parameters));
+}
+
+void write_checkpoint_tensors(const std::filesystem::path& dir, const std::vector<TensorToWrite>& tensors,
+                              const std::vector<ShardEntry>& plan, bool with_index) {
+  std::map<std::string, const TensorToWrite*> by_name;
+  for (const auto& t : tensors)
+    KMOE_CHECK_INPUT(by_name.emplace(t.name, &t).second, dir.string(), ": tensor '", t.name, "' given twice");
+  std::map<std::string, std::vector<TensorToWrite>> per_file;
+  std::set<std::string> planned;
+  std::int64_t size = 0, params = 0;
+  for (const auto& e : plan) {
+    check_shard_name(e.file, dir / kIndexName);
+    const auto it = by_name.find(e.tensor);
+    KMOE_CHECK_INPUT(it != by_name.end(), dir.string(), ": the shard plan lists tensor '", e.tensor,
+                     "' but it was not given");
+    KMOE_CHECK_INPUT(planned.insert(e.tensor).second, dir.string(), ": the shard plan lists tensor '", e.tensor,
+                     "' twice");
+    const TensorToWrite& t = *it->second;
+    TensorToWrite ref;  // borrow: no copy of the bytes
+    ref.name = t.name;
+    ref.dtype = t.dtype;
+    ref.shape = t.shape;
+    ref.data = t.bytes() ? static_cast<const void*>(t.bytes()) : static_cast<const void*>("");
+    KMOE_CHECK_INPUT(t.data || t.owned.size() == t.expected_nbytes(), dir.string(), ": tensor '", t.name,
+                     "' holds ", t.owned.size(), " bytes, expected ", t.expected_nbytes());
+    size += static_cast<std::int64_t>(t.expected_nbytes());
+    std::int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    params += n;
+    per_file[e.file].push_back(std::move(ref));
+  }
+  for (const auto& t : tensors)
+    KMOE_CHECK_INPUT(planned.count(t.name), dir.string(), ": tensor '", t.name, "' is not in the shard plan");
+  KMOE_CHECK_INPUT(with_index || per_file.size() <= 1, dir.string(), ": ", per_file.size(),
+                   " shard files need an index json");
+  for (const auto& [file, ts] : per_file) write_safetensors(dir / file, ts);
+  if (with_index) write_index_json(dir / kIndexName, plan, size, params);
+}
+
+}  // namespace kmoe::io

@@ -1,0 +1,477 @@
+// safetensors: parse + validate (as strictly as the Rust library, with messages naming file and tensor), memory-map,
+// convert, and write byte-exact. The header is parsed with nlohmann::json; the writer emits the JSON itself so the
+// bytes match serde_json's compact output.
+#include <kmoe/io/safetensors_file.hpp>
+
+#include <kmoe/core/progress.hpp>
+#include <kmoe/io/atomic_file.hpp>
+
+#include "detail/json.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <set>
+#include <sstream>
+#include <unordered_map>
+
+namespace kmoe::io {
+
+namespace {
+
+// The Rust library refuses headers over 100 MB; so do we (a corrupt size must not make us allocate gigabytes).
+constexpr std::uint64_t kMaxHeaderSize = 100'000'000;
+
+/// A read-only private mapping of a whole file.
+struct Mapping {
+  const std::byte* data = nullptr;
+  std::size_t size = 0;
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() {
+    if (data) ::munmap(const_cast<std::byte*>(data), size);
+  }
+};
+
+std::shared_ptr<const Mapping> map_file(const std::filesystem::path& path) {
+  const std::string p = path.string();
+  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+  KMOE_CHECK_INPUT(fd >= 0, p, ": cannot open: ", std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int e = errno;
+    ::close(fd);
+    throw InputError(detail::concat(p, ": cannot stat: ", std::strerror(e)));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw InputError(detail::concat(p, ": not a regular file"));
+  }
+  auto m = std::make_shared<Mapping>();
+  m->size = static_cast<std::size_t>(st.st_size);
+  if (m->size == 0) {
+    ::close(fd);
+    throw InputError(detail::concat(p, ": empty file (a safetensors file starts with an 8-byte header size)"));
+  }
+  void* addr = ::mmap(nullptr, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
+  const int e = errno;
+  ::close(fd);  // the mapping stays valid
+  KMOE_CHECK_INPUT(addr != MAP_FAILED, p, ": cannot mmap ", m->size, " bytes: ", std::strerror(e));
+  m->data = static_cast<const std::byte*>(addr);
+  return m;
+}
+
+/// Index of the first byte that is not valid UTF-8 (RFC 3629: no overlongs, no surrogates, <= U+10FFFF); n if valid.
+std::size_t utf8_invalid_at(const unsigned char* s, std::size_t n) {
+  std::size_t i = 0;
+  while (i < n) {
+    const unsigned c = s[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    std::size_t len;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {
+      return i;
+    }
+    if (i + len > n) return i;
+    if (s[i + 1] < lo || s[i + 1] > hi) return i;
+    for (std::size_t k = 2; k < len; ++k)
+      if (s[i + k] < 0x80 || s[i + k] > 0xBF) return i;
+    i += len;
+  }
+  return n;
+}
+
+/// A non-negative integer of the header ("shape" entry, "data_offsets" entry); InputError otherwise.
+std::uint64_t header_uint(const detail::json& j, const std::string& where, const char* what) {
+  if (j.is_number_unsigned()) return j.get<std::uint64_t>();
+  if (j.is_number_integer()) {
+    const auto v = j.get<std::int64_t>();
+    KMOE_CHECK_INPUT(v >= 0, where, ": negative ", what, " ", v);
+    return static_cast<std::uint64_t>(v);
+  }
+  throw InputError(detail::concat(where, ": ", what, " must be a non-negative integer, got ", j.dump()));
+}
+
+}  // namespace
+
+struct SafetensorsFile::Impl {
+  std::filesystem::path path;
+  std::shared_ptr<const void> owner;  // the mapping or the in-memory bytes
+  const std::byte* bytes = nullptr;
+  std::uint64_t size = 0, header_size = 0;
+  std::vector<TensorView> tensors;  // file order
+  std::unordered_map<std::string, std::size_t> index;
+  std::map<std::string, std::string> metadata;
+  bool has_metadata = false;
+};
+
+namespace {
+
+/// Parses and validates the header and buffer layout of a whole file of `size` bytes at `bytes`.
+void parse(SafetensorsFile::Impl& f) {
+  const std::string file = f.path.string();
+  KMOE_CHECK_INPUT(f.size > 0, file, ": empty file (a safetensors file starts with an 8-byte header size)");
+  KMOE_CHECK_INPUT(f.size >= 8, file, ": file too short (", f.size, " bytes) for the 8-byte header size");
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(f.bytes[i]);  // little-endian
+  KMOE_CHECK_INPUT(n <= kMaxHeaderSize, file, ": header size ", n, " is absurd (limit ", kMaxHeaderSize,
+                   " bytes): not a safetensors file?");
+  KMOE_CHECK_INPUT(n <= f.size - 8, file, ": header size ", n, " runs past the end of the file (", f.size,
+                   " bytes): file cut short or not a safetensors file");
+  KMOE_CHECK_INPUT(n >= 2, file, ": header size ", n, " is too small for a JSON object");
+  f.header_size = n;
+  const auto* h = reinterpret_cast<const unsigned char*>(f.bytes + 8);
+  const std::size_t bad = utf8_invalid_at(h, static_cast<std::size_t>(n));
+  KMOE_CHECK_INPUT(bad == n, file, ": header is not UTF-8 (invalid byte 0x", std::hex,
+                   static_cast<unsigned>(h[bad]), std::dec, " at header offset ", bad, ")");
+  KMOE_CHECK_INPUT(h[0] == '{', file, ": header does not start with '{' (not a safetensors file?)");
+  detail::json j;
+  try {
+    j = detail::json::parse(h, h + n);
+  } catch (const detail::json::exception& e) {
+    std::string what = e.what();
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    throw InputError(detail::concat(file, ": header is not valid JSON: ", what));
+  }
+  KMOE_CHECK_INPUT(j.is_object(), file, ": header is not a JSON object");
+
+  const std::uint64_t data_size = f.size - 8 - n;
+  struct Entry {
+    std::uint64_t begin, end;
+    std::size_t tensor;
+  };
+  std::vector<Entry> entries;
+  std::vector<TensorView> tensors;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& name = it.key();
+    if (name == "__metadata__") {
+      KMOE_CHECK_INPUT(it->is_object(), file, ": __metadata__ must be an object of strings, got ", it->type_name());
+      for (auto m = it->begin(); m != it->end(); ++m) {
+        KMOE_CHECK_INPUT(m->is_string(), file, ": __metadata__ value of '", m.key(), "' must be a string, got ",
+                         m->type_name());
+        f.metadata[m.key()] = m->get<std::string>();
+      }
+      f.has_metadata = true;
+      continue;
+    }
+    const std::string where = detail::concat(file, ": tensor '", name, "'");
+    KMOE_CHECK_INPUT(it->is_object(), where, ": entry must be an object, got ", it->type_name());
+    const auto dt = it->find("dtype"), sh = it->find("shape"), off = it->find("data_offsets");
+    KMOE_CHECK_INPUT(dt != it->end() && sh != it->end() && off != it->end(), where,
+                     ": entry needs \"dtype\", \"shape\" and \"data_offsets\"");
+    KMOE_CHECK_INPUT(dt->is_string(), where, ": dtype must be a string, got ", dt->dump());
+    const auto dtype = parse_dtype(dt->get_ref<const std::string&>());
+    if (!dtype) {
+      try {
+        dtype_from_name(dt->get_ref<const std::string&>());
+      } catch (const InputError& e) {
+        throw InputError(detail::concat(where, ": ", e.what()));
+      }
+    }
+    KMOE_CHECK_INPUT(sh->is_array(), where, ": shape must be an array, got ", sh->dump());
+    TensorView t;
+    t.name = name;
+    t.dtype = *dtype;
+    t.file = file;
+    std::uint64_t numel = 1;
+    bool overflow = false;
+    for (const auto& d : *sh) {
+      const std::uint64_t v = header_uint(d, where, "dimension");
+      KMOE_CHECK_INPUT(v <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()), where,
+                       ": dimension ", v, " too large");
+      t.shape.push_back(static_cast<std::int64_t>(v));
+      if (v != 0 && numel > std::numeric_limits<std::uint64_t>::max() / v) overflow = true;
+      numel *= v;
+    }
+    KMOE_CHECK_INPUT(!overflow && numel <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
+                     where, ": shape ", t.shape_string(), " overflows");
+    const auto nbytes = dtype_nbytes(t.dtype, static_cast<std::int64_t>(numel));
+    KMOE_CHECK_INPUT(nbytes.has_value(), where, ": shape ", t.shape_string(), " of ", dtype_name(t.dtype),
+                     " is not a whole number of bytes");
+    KMOE_CHECK_INPUT(off->is_array() && off->size() == 2, where, ": data_offsets must be [begin, end], got ",
+                     off->dump());
+    const std::uint64_t b = header_uint((*off)[0], where, "data offset"),
+                        e = header_uint((*off)[1], where, "data offset");
+    KMOE_CHECK_INPUT(b <= e, where, ": data_offsets [", b, ", ", e, "] end before they begin");
+    KMOE_CHECK_INPUT(e - b == *nbytes, where, ": shape ", t.shape_string(), " of ", dtype_name(t.dtype), " needs ",
+                     *nbytes, " bytes but data_offsets [", b, ", ", e, "] hold ", e - b);
+    KMOE_CHECK_INPUT(e <= data_size, where, ": data_offsets [", b, ", ", e, "] run past the end of the data (",
+                     data_size, " bytes): file cut short?");
+    t.nbytes = static_cast<std::size_t>(*nbytes);
+    t.data = f.bytes + 8 + n + b;
+    entries.push_back({b, e, tensors.size()});
+    tensors.push_back(std::move(t));
+  }
+  // The data must be covered exactly once, as the Rust library demands: sorted by offsets, each tensor starts where
+  // the previous one ended, and the last ends at the end of the file.
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
+  std::uint64_t pos = 0;
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    const auto& en = entries[i];
+    const std::string& name = tensors[en.tensor].name;
+    if (en.begin < pos) {
+      throw InputError(detail::concat(file, ": tensor '", name, "' data_offsets [", en.begin, ", ", en.end,
+                                      "] overlap tensor '", tensors[entries[i - 1].tensor].name, "' (ends at ",
+                                      pos, ")"));
+    }
+    KMOE_CHECK_INPUT(en.begin == pos, file, ": hole of ", en.begin - pos, " bytes in the data before tensor '",
+                     name, "' (data_offsets [", en.begin, ", ", en.end, "], previous tensor ends at ", pos, ")");
+    pos = en.end;
+  }
+  KMOE_CHECK_INPUT(pos == data_size, file, ": ", data_size - pos, " trailing bytes after the last tensor (data is ",
+                   data_size, " bytes, tensors cover ", pos, ")");
+  f.tensors.reserve(tensors.size());
+  for (const auto& en : entries) {
+    f.index[tensors[en.tensor].name] = f.tensors.size();
+    f.tensors.push_back(std::move(tensors[en.tensor]));
+  }
+  for (auto& t : f.tensors) t.owner = f.owner;
+}
+
+}  // namespace
+
+// ---- TensorView -----------------------------------------------------------------------------------------------
+
+std::int64_t TensorView::numel() const {
+  std::int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+namespace {
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+}  // namespace
+
+std::string TensorView::shape_string() const { return shape_text(shape); }
+
+std::string TensorView::where() const { return detail::concat(file, ": tensor '", name, "'"); }
+
+// ---- SafetensorsFile ------------------------------------------------------------------------------------------
+
+SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
+  auto m = map_file(path);
+  auto impl = std::make_shared<Impl>();
+  impl->path = path;
+  impl->bytes = m->data;
+  impl->size = m->size;
+  impl->owner = m;
+  parse(*impl);
+  SafetensorsFile f;
+  f.impl_ = std::move(impl);
+  return f;
+}
+
+SafetensorsFile SafetensorsFile::from_bytes(std::shared_ptr<const std::vector<std::byte>> bytes,
+                                            const std::string& label) {
+  KMOE_ASSERT(bytes != nullptr);
+  auto impl = std::make_shared<Impl>();
+  impl->path = label;
+  impl->bytes = bytes->data();
+  impl->size = bytes->size();
+  impl->owner = bytes;
+  parse(*impl);
+  SafetensorsFile f;
+  f.impl_ = std::move(impl);
+  return f;
+}
+
+const TensorView& SafetensorsFile::tensor(const std::string& name) const {
+  const auto it = impl_->index.find(name);
+  KMOE_CHECK_INPUT(it != impl_->index.end(), impl_->path.string(), ": no tensor '", name, "' (the file has ",
+                   impl_->tensors.size(), " tensors)");
+  return impl_->tensors[it->second];
+}
+
+bool SafetensorsFile::has(const std::string& name) const { return impl_->index.count(name) != 0; }
+
+std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> out;
+  out.reserve(impl_->tensors.size());
+  for (const auto& t : impl_->tensors) out.push_back(t.name);
+  return out;
+}
+
+const std::vector<TensorView>& SafetensorsFile::tensors() const { return impl_->tensors; }
+const std::map<std::string, std::string>& SafetensorsFile::metadata() const { return impl_->metadata; }
+bool SafetensorsFile::has_metadata() const { return impl_->has_metadata; }
+const std::filesystem::path& SafetensorsFile::path() const { return impl_->path; }
+std::uint64_t SafetensorsFile::header_size() const { return impl_->header_size; }
+std::uint64_t SafetensorsFile::file_size() const { return impl_->size; }
+
+// ---- writing --------------------------------------------------------------------------------------------------
+
+std::size_t TensorToWrite::expected_nbytes() const {
+  std::int64_t numel = 1;
+  for (auto d : shape) {
+    KMOE_CHECK_INPUT(d >= 0, "tensor '", name, "': negative dimension in shape ", shape_text(shape));
+    KMOE_CHECK_INPUT(d == 0 || numel <= std::numeric_limits<std::int64_t>::max() / d, "tensor '", name, "': shape ",
+                     shape_text(shape), " overflows");
+    numel *= d;
+  }
+  const auto nb = dtype_nbytes(dtype, numel);
+  KMOE_CHECK_INPUT(nb.has_value(), "tensor '", name, "': shape ", shape_text(shape), " of ", dtype_name(dtype),
+                   " is not a whole number of bytes");
+  return static_cast<std::size_t>(*nb);
+}
+
+TensorToWrite TensorToWrite::borrow(const TensorView& t) { return borrow(t.name, t); }
+
+TensorToWrite TensorToWrite::borrow(std::string name, const TensorView& t) {
+  TensorToWrite w;
+  w.name = std::move(name);
+  w.dtype = t.dtype;
+  w.shape = t.shape;
+  w.data = t.data;
+  if (!w.data) w.data = "";  // zero-size tensors still borrow (nothing)
+  return w;
+}
+
+namespace {
+
+/// A JSON string as serde_json writes it: `"` and `\` escaped, control characters as \b \t \n \f \r or \u00xx
+/// (lower-case hex), everything else (UTF-8 included) verbatim.
+void json_string(std::string& out, const std::string& s) {
+  static const char* hex = "0123456789abcdef";
+  out += '"';
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          out += "\\u00";
+          out += hex[c >> 4];
+          out += hex[c & 15];
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+  out += '"';
+}
+
+}  // namespace
+
+std::string safetensors_header_json(const std::vector<TensorToWrite>& tensors,
+                                    const std::optional<std::map<std::string, std::string>>& metadata,
+                                    std::vector<std::size_t>* order_out) {
+  std::vector<std::size_t> order(tensors.size());
+  std::iota(order.begin(), order.end(), 0);
+  // The Python library's order: descending dtype (its enum order = ours), then name.
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    if (tensors[a].dtype != tensors[b].dtype) return tensors[a].dtype > tensors[b].dtype;
+    return tensors[a].name < tensors[b].name;
+  });
+  std::set<std::string> seen;
+  for (const auto& t : tensors) {
+    KMOE_CHECK_INPUT(t.name != "__metadata__", "a tensor cannot be called __metadata__");
+    KMOE_CHECK_INPUT(seen.insert(t.name).second, "tensor '", t.name, "' given twice");
+  }
+  std::string h = "{";
+  bool first = true;
+  if (metadata) {
+    h += "\"__metadata__\":{";
+    bool mfirst = true;
+    for (const auto& [k, v] : *metadata) {
+      if (!mfirst) h += ',';
+      mfirst = false;
+      json_string(h, k);
+      h += ':';
+      json_string(h, v);
+    }
+    h += '}';
+    first = false;
+  }
+  std::uint64_t offset = 0;
+  for (std::size_t i : order) {
+    const auto& t = tensors[i];
+    const std::size_t nb = t.expected_nbytes();
+    if (!first) h += ',';
+    first = false;
+    json_string(h, t.name);
+    h += ":{\"dtype\":\"";
+    h += dtype_name(t.dtype);
+    h += "\",\"shape\":[";
+    for (std::size_t d = 0; d < t.shape.size(); ++d) h += (d ? "," : "") + std::to_string(t.shape[d]);
+    h += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + nb) + "]}";
+    offset += nb;
+  }
+  h += '}';
+  if (order_out) *order_out = std::move(order);
+  return h;
+}
+
+void write_safetensors(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
+                       const std::optional<std::map<std::string, std::string>>& metadata) {
+  std::vector<std::size_t> order;
+  std::string header;
+  try {
+    header = safetensors_header_json(tensors, metadata, &order);
+  } catch (const InputError& e) {
+    throw InputError(detail::concat(path.string(), ": ", e.what()));
+  }
+  for (const auto& t : tensors)
+    KMOE_CHECK_INPUT(t.bytes() != nullptr || t.expected_nbytes() == 0, path.string(), ": tensor '", t.name,
+                     "' has no data");
+  for (const auto& t : tensors)
+    KMOE_CHECK_INPUT(t.data != nullptr || t.owned.size() == t.expected_nbytes(), path.string(), ": tensor '", t.name,
+                     "' holds ", t.owned.size(), " bytes but ", dtype_name(t.dtype), " ", shape_text(t.shape),
+                     " needs ", t.expected_nbytes());
+  header.append((8 - header.size() % 8) % 8, ' ');  // data starts 8-byte aligned
+  std::uint64_t total = 0;
+  for (const auto& t : tensors) total += t.expected_nbytes();
+  unsigned char size_le[8];
+  for (int i = 0; i < 8; ++i) size_le[i] = static_cast<unsigned char>(static_cast<std::uint64_t>(header.size()) >> (8 * i));
+  AtomicFile out(path);
+  ProgressBar bar("writing " + path.filename().string(), static_cast<std::int64_t>(total), ProgressBar::Unit::Bytes,
+                  static_cast<std::int64_t>(total) >= kProgressMinBytes);
+  out.write(size_le, 8);
+  out.write(header.data(), header.size());
+  std::uint64_t done = 0;
+  constexpr std::size_t kChunk = std::size_t(1) << 26;
+  for (std::size_t i : order) {
+    const auto& t = tensors[i];
+    const std::size_t nb = t.expected_nbytes();
+    for (std::size_t o = 0; o < nb; o += kChunk) {
+      const std::size_t m = std::min(kChunk, nb - o);
+      out.write(t.bytes() + o, m);
+      done += m;
+      bar.update(static_cast<std::int64_t>(done));
+    }
+  }
+  out.commit();
+  bar.finish();
+}
+
+}  // namespace kmoe::io

@@ -1,0 +1,57 @@
+// libFuzzer target: the safetensors header parser and validator on arbitrary bytes. Properties: it never crashes,
+// hangs or over-allocates (ASan/UBSan watch), every rejection is a one-line kmoe::InputError, and every accepted
+// file re-serialises (with kmoe's writer) into a file that parses to the same tensors.
+#include <kmoe/io/safetensors_file.hpp>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace {
+
+std::shared_ptr<const std::vector<std::byte>> copy(const std::uint8_t* d, std::size_t n) {
+  auto v = std::make_shared<std::vector<std::byte>>(n);
+  if (n) std::memcpy(v->data(), d, n);
+  return v;
+}
+
+void check(bool ok) {
+  if (!ok) std::abort();
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  using namespace kmoe::io;
+  SafetensorsFile f;
+  try {
+    f = SafetensorsFile::from_bytes(copy(data, size), "fuzz.safetensors");
+  } catch (const kmoe::InputError& e) {
+    check(std::strchr(e.what(), '\n') == nullptr);  // one line
+    return 0;
+  }
+  // Accepted: write it back in memory and parse again.
+  std::vector<TensorToWrite> ts;
+  for (const auto& t : f.tensors()) ts.push_back(TensorToWrite::borrow(t));
+  std::optional<std::map<std::string, std::string>> md;
+  if (f.has_metadata()) md = f.metadata();
+  std::string header = safetensors_header_json(ts, md);
+  header.append((8 - header.size() % 8) % 8, ' ');
+  std::vector<std::size_t> order;
+  safetensors_header_json(ts, md, &order);
+  auto out = std::make_shared<std::vector<std::byte>>();
+  for (int i = 0; i < 8; ++i) out->push_back(static_cast<std::byte>(static_cast<std::uint64_t>(header.size()) >> (8 * i)));
+  for (char c : header) out->push_back(static_cast<std::byte>(c));
+  for (std::size_t i : order) out->insert(out->end(), ts[i].bytes(), ts[i].bytes() + ts[i].expected_nbytes());
+  const SafetensorsFile g = SafetensorsFile::from_bytes(out, "rewritten.safetensors");
+  check(g.tensors().size() == f.tensors().size());
+  check(g.metadata() == f.metadata());
+  for (const auto& t : f.tensors()) {
+    const TensorView& u = g.tensor(t.name);
+    check(u.dtype == t.dtype && u.shape == t.shape && u.nbytes == t.nbytes);
+    check(t.nbytes == 0 || std::memcmp(u.data, t.data, t.nbytes) == 0);
+  }
+  return 0;
+}
