@@ -4,6 +4,7 @@
 
 #include "comm_fixture.hpp"
 
+#include <kmoe/comm/gather.hpp>
 #include <kmoe/comm/mpi_communicator.hpp>
 
 #include <algorithm>
@@ -194,6 +195,27 @@ TEST(GradientSet, ClipScalesToTheMaxNorm) {
   EXPECT_NEAR(grads.global_norm(), norm, 1e-12);
   EXPECT_NEAR(grads.clip(1.0), norm, 1e-12);
   EXPECT_NEAR(grads.global_norm(), 1.0, 1e-6);
+}
+
+TEST(Gather, RowsOfEveryRankInRankOrderOnRoot) {
+  auto w = world();
+  const int n = w->size(), me = w->rank();
+  for (int root = 0; root < n; ++root) {
+    // Rank r has r rows (rank 0 none), row i of rank r holds (r, i, c).
+    Kokkos::View<std::int64_t**, Kokkos::LayoutRight> mine("mine", me, 3);
+    for (int i = 0; i < me; ++i)
+      for (int c = 0; c < 3; ++c) mine(i, c) = 100 * me + 10 * i + c;
+    const auto all = comm::gather_rows(*w, mine, root);
+    if (me != root) {
+      EXPECT_EQ(all.extent(0), 0u);
+      continue;
+    }
+    ASSERT_EQ(all.extent(0), static_cast<std::size_t>(n * (n - 1) / 2));
+    std::size_t row = 0;
+    for (int r = 0; r < n; ++r)
+      for (int i = 0; i < r; ++i, ++row)
+        for (int c = 0; c < 3; ++c) EXPECT_EQ(all(row, c), 100 * r + 10 * i + c);
+  }
 }
 
 }  // namespace

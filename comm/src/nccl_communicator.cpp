@@ -1,0 +1,126 @@
+#include <kmoe/comm/nccl_communicator.hpp>
+
+#include <cstdio>
+
+namespace kmoe::comm {
+namespace detail {
+
+void throw_nccl_error(ncclResult_t rc, const char* call, const char* file, int line) {
+  const char* last = ncclGetLastError(nullptr);
+  throw InternalError(kmoe::detail::concat("NCCL call failed at ", file, ":", line, ": ", call, ": ",
+                                           ncclGetErrorString(rc),
+                                           (last && *last) ? kmoe::detail::concat(" (", last, ")") : std::string()));
+}
+
+ncclDataType_t nccl_type(DataType type) {
+  switch (type) {
+    case DataType::f32: return ncclFloat32;
+    case DataType::f64: return ncclFloat64;
+    case DataType::bf16: return ncclBfloat16;
+    case DataType::i32: return ncclInt32;
+    case DataType::i64: return ncclInt64;
+  }
+  KMOE_ASSERT(false, "unknown DataType ", static_cast<int>(type));
+}
+
+}  // namespace detail
+
+NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> bootstrap, cudaStream_t stream, int device)
+    : bootstrap_(std::move(bootstrap)), stream_(stream), device_(device) {
+  KMOE_ASSERT(bootstrap_ != nullptr);
+  if (device_ >= 0) KMOE_CUDA_CHECK(cudaSetDevice(device_));
+  else KMOE_CUDA_CHECK(cudaGetDevice(&device_));
+  if (!stream_) {
+    KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    own_stream_ = true;
+  }
+  // The bootstrap: rank 0 makes the id, MPI hands it to the others, then every rank joins.
+  ncclUniqueId id;
+  if (bootstrap_->rank() == 0) KMOE_NCCL_CHECK(ncclGetUniqueId(&id));
+  bootstrap_->broadcast(&id, sizeof id, 0);
+  KMOE_NCCL_CHECK(ncclCommInitRank(&comm_, bootstrap_->size(), id, bootstrap_->rank()));
+}
+
+NcclCommunicator::~NcclCommunicator() {
+  // Destructors must not throw: errors here are ignored (the job is ending or already failed).
+  if (comm_) ncclCommDestroy(comm_);
+  if (own_stream_ && stream_) cudaStreamDestroy(stream_);
+}
+
+std::unique_ptr<NcclCommunicator> NcclCommunicator::world(cudaStream_t stream) {
+  auto world = MpiCommunicator::world();
+  // Ranks on one node share its GPUs round-robin.
+  MPI_Comm node = MPI_COMM_NULL;
+  KMOE_MPI_CHECK(MPI_Comm_split_type(world->native(), MPI_COMM_TYPE_SHARED, world->rank(), MPI_INFO_NULL, &node));
+  const MpiCommunicator node_comm(node, true);
+  int devices = 0;
+  KMOE_CUDA_CHECK(cudaGetDeviceCount(&devices));
+  KMOE_CHECK_USAGE(devices > 0, "kmoe::comm::NcclCommunicator::world: no CUDA device on this node");
+  return std::make_unique<NcclCommunicator>(world->split_mpi(0, world->rank()), stream, node_comm.rank() % devices);
+}
+
+void NcclCommunicator::barrier() {
+  synchronize();
+  bootstrap_->barrier();
+}
+
+void NcclCommunicator::alltoall_counts(const std::int64_t* send, std::int64_t* recv, int per_peer) {
+  bootstrap_->alltoall_counts(send, recv, per_peer);
+}
+
+void NcclCommunicator::alltoall_counts_device(const std::int64_t* send, std::int64_t* recv, int per_peer) {
+  KMOE_ASSERT(per_peer >= 1);
+  KMOE_NCCL_CHECK(ncclGroupStart());
+  for (int p = 0; p < size(); ++p) {
+    KMOE_NCCL_CHECK(ncclSend(send + static_cast<std::size_t>(p) * per_peer, per_peer, ncclInt64, p, comm_, stream_));
+    KMOE_NCCL_CHECK(ncclRecv(recv + static_cast<std::size_t>(p) * per_peer, per_peer, ncclInt64, p, comm_, stream_));
+  }
+  KMOE_NCCL_CHECK(ncclGroupEnd());
+}
+
+void NcclCommunicator::alltoallv(const void* send, const std::int64_t* send_counts, const std::int64_t* send_offsets,
+                                 void* recv, const std::int64_t* recv_counts, const std::int64_t* recv_offsets,
+                                 std::int64_t row_elems, DataType type) {
+  if (row_elems == 0) return;
+  const std::size_t row_bytes = static_cast<std::size_t>(row_elems) * size_of(type);
+  const ncclDataType_t t = detail::nccl_type(type);
+  const auto* s = static_cast<const char*>(send);
+  auto* r = static_cast<char*>(recv);
+  // One group: NCCL schedules every pair's send and receive together, so no ordering can deadlock.
+  KMOE_NCCL_CHECK(ncclGroupStart());
+  for (int p = 0; p < size(); ++p) {
+    if (send_counts[p] > 0)
+      KMOE_NCCL_CHECK(ncclSend(s + send_offsets[p] * row_bytes, static_cast<std::size_t>(send_counts[p] * row_elems), t,
+                               p, comm_, stream_));
+    if (recv_counts[p] > 0)
+      KMOE_NCCL_CHECK(ncclRecv(r + recv_offsets[p] * row_bytes, static_cast<std::size_t>(recv_counts[p] * row_elems), t,
+                               p, comm_, stream_));
+  }
+  KMOE_NCCL_CHECK(ncclGroupEnd());
+}
+
+void NcclCommunicator::allreduce_sum(void* data, std::int64_t count, DataType type) {
+  if (count == 0) return;
+  KMOE_NCCL_CHECK(ncclAllReduce(data, data, static_cast<std::size_t>(count), detail::nccl_type(type), ncclSum, comm_,
+                                stream_));
+}
+
+void NcclCommunicator::broadcast(void* data, std::int64_t bytes, int root) {
+  if (bytes == 0) return;
+  KMOE_NCCL_CHECK(ncclBroadcast(data, data, static_cast<std::size_t>(bytes), ncclChar, root, comm_, stream_));
+}
+
+void NcclCommunicator::synchronize() { KMOE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+std::unique_ptr<Communicator> NcclCommunicator::split(int color, int key) {
+  return std::make_unique<NcclCommunicator>(bootstrap_->split_mpi(color, key), stream_, device_);
+}
+
+void NcclCommunicator::abort(int code, const std::string& message) {
+  // Unblock this rank's NCCL kernels first, so that MPI_Abort is not stuck behind a collective on the GPU.
+  if (comm_) ncclCommAbort(comm_);
+  comm_ = nullptr;
+  bootstrap_->abort(code, message);
+}
+
+}  // namespace kmoe::comm
