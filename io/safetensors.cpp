@@ -123,6 +123,7 @@ struct SafetensorsFile::Impl {
   std::vector<TensorView> tensors;  // file order
   std::unordered_map<std::string, std::size_t> index;
   std::map<std::string, std::string> metadata;
+  MetadataEntries metadata_entries;  // header order
   bool has_metadata = false;
 };
 
@@ -147,8 +148,19 @@ void parse(SafetensorsFile::Impl& f) {
                    static_cast<unsigned>(h[bad]), std::dec, " at header offset ", bad, ")");
   KMOE_CHECK_INPUT(h[0] == '{', file, ": header does not start with '{' (not a safetensors file?)");
   detail::json j;
+  // The DOM sorts keys; the callback sees them in document order, which is kept for the metadata (the Python library
+  // writes its metadata HashMap in arbitrary order, and a faithful rewrite must reproduce it).
+  std::vector<std::string> metadata_order;
+  bool in_metadata = false;
+  const auto note_keys = [&](int depth, detail::json::parse_event_t event, detail::json& parsed) {
+    if (event == detail::json::parse_event_t::key) {
+      if (depth == 1) in_metadata = parsed.is_string() && parsed.get_ref<const std::string&>() == "__metadata__";
+      if (depth == 2 && in_metadata && parsed.is_string()) metadata_order.push_back(parsed.get<std::string>());
+    }
+    return true;
+  };
   try {
-    j = detail::json::parse(h, h + n);
+    j = detail::json::parse(h, h + n, note_keys);
   } catch (const detail::json::exception& e) {
     std::string what = e.what();
     std::replace(what.begin(), what.end(), '\n', ' ');
@@ -172,6 +184,9 @@ void parse(SafetensorsFile::Impl& f) {
                          m->type_name());
         f.metadata[m.key()] = m->get<std::string>();
       }
+      std::set<std::string> placed;  // a repeated key keeps its first place and its last value
+      for (const auto& k : metadata_order)
+        if (f.metadata.count(k) && placed.insert(k).second) f.metadata_entries.emplace_back(k, f.metadata.at(k));
       f.has_metadata = true;
       continue;
     }
@@ -319,6 +334,7 @@ std::vector<std::string> SafetensorsFile::names() const {
 
 const std::vector<TensorView>& SafetensorsFile::tensors() const { return impl_->tensors; }
 const std::map<std::string, std::string>& SafetensorsFile::metadata() const { return impl_->metadata; }
+const MetadataEntries& SafetensorsFile::metadata_entries() const { return impl_->metadata_entries; }
 bool SafetensorsFile::has_metadata() const { return impl_->has_metadata; }
 const std::filesystem::path& SafetensorsFile::path() const { return impl_->path; }
 std::uint64_t SafetensorsFile::header_size() const { return impl_->header_size; }
@@ -384,7 +400,7 @@ void json_string(std::string& out, const std::string& s) {
 }  // namespace
 
 std::string safetensors_header_json(const std::vector<TensorToWrite>& tensors,
-                                    const std::optional<std::map<std::string, std::string>>& metadata,
+                                    const std::optional<MetadataEntries>& metadata,
                                     std::vector<std::size_t>* order_out) {
   std::vector<std::size_t> order(tensors.size());
   std::iota(order.begin(), order.end(), 0);
@@ -403,7 +419,9 @@ std::string safetensors_header_json(const std::vector<TensorToWrite>& tensors,
   if (metadata) {
     h += "\"__metadata__\":{";
     bool mfirst = true;
+    std::set<std::string> keys;
     for (const auto& [k, v] : *metadata) {
+      KMOE_CHECK_INPUT(keys.insert(k).second, "metadata key '", k, "' given twice");
       if (!mfirst) h += ',';
       mfirst = false;
       json_string(h, k);
@@ -434,6 +452,13 @@ std::string safetensors_header_json(const std::vector<TensorToWrite>& tensors,
 
 void write_safetensors(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
                        const std::optional<std::map<std::string, std::string>>& metadata) {
+  std::optional<MetadataEntries> entries;
+  if (metadata) entries = MetadataEntries(metadata->begin(), metadata->end());  // sorted by key
+  write_safetensors_ordered(path, tensors, entries);
+}
+
+void write_safetensors_ordered(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
+                               const std::optional<MetadataEntries>& metadata) {
   std::vector<std::size_t> order;
   std::string header;
   try {

@@ -55,8 +55,8 @@ void print_metadata(std::ostream& os, const io::SafetensorsFile& f) {
     return;
   }
   os << "metadata:";
-  if (f.metadata().empty()) os << " {}";
-  for (const auto& [k, v] : f.metadata()) os << " " << k << "=" << v;
+  if (f.metadata_entries().empty()) os << " {}";
+  for (const auto& [k, v] : f.metadata_entries()) os << " " << k << "=" << v;  // header order
   os << "\n";
 }
 

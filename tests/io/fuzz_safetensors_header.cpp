@@ -35,8 +35,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // Accepted: write it back in memory and parse again.
   std::vector<TensorToWrite> ts;
   for (const auto& t : f.tensors()) ts.push_back(TensorToWrite::borrow(t));
-  std::optional<std::map<std::string, std::string>> md;
-  if (f.has_metadata()) md = f.metadata();
+  std::optional<MetadataEntries> md;
+  if (f.has_metadata()) md = f.metadata_entries();
   std::string header = safetensors_header_json(ts, md);
   header.append((8 - header.size() % 8) % 8, ' ');
   std::vector<std::size_t> order;
@@ -48,6 +48,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const SafetensorsFile g = SafetensorsFile::from_bytes(out, "rewritten.safetensors");
   check(g.tensors().size() == f.tensors().size());
   check(g.metadata() == f.metadata());
+  check(g.metadata_entries() == f.metadata_entries());
+  check(f.metadata_entries().size() == f.metadata().size());
   for (const auto& t : f.tensors()) {
     const TensorView& u = g.tensor(t.name);
     check(u.dtype == t.dtype && u.shape == t.shape && u.nbytes == t.nbytes);

@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kmoe::io {
@@ -61,6 +62,9 @@ class SafetensorsFile {
   const std::vector<TensorView>& tensors() const;
   /// The "__metadata__" map (empty when absent).
   const std::map<std::string, std::string>& metadata() const;
+  /// The "__metadata__" entries in header order (the Python library writes them in its HashMap's arbitrary order;
+  /// write_safetensors_ordered with these reproduces such a file byte for byte).
+  const std::vector<std::pair<std::string, std::string>>& metadata_entries() const;
   /// True when the header has a "__metadata__" entry (even an empty one).
   bool has_metadata() const;
   /// The path given to open() (or the label given to from_bytes()).
@@ -108,10 +112,18 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<Tens
                        const std::optional<std::map<std::string, std::string>>& metadata =
                            std::map<std::string, std::string>{{"format", "pt"}});
 
-/// The header JSON (unpadded) write_safetensors would produce for these tensors, in the order it writes them;
-/// `order` receives the indices of `tensors` in file order.
+/// Metadata entries in the order to write them.
+using MetadataEntries = std::vector<std::pair<std::string, std::string>>;
+
+/// As write_safetensors, with the "__metadata__" entries written in the given order (e.g. a read file's
+/// metadata_entries(), to reproduce it byte for byte). Keys must be unique.
+void write_safetensors_ordered(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
+                               const std::optional<MetadataEntries>& metadata);
+
+/// The header JSON (unpadded) write_safetensors_ordered would produce for these tensors, in the order it writes
+/// them; `order` receives the indices of `tensors` in file order.
 std::string safetensors_header_json(const std::vector<TensorToWrite>& tensors,
-                                    const std::optional<std::map<std::string, std::string>>& metadata,
+                                    const std::optional<MetadataEntries>& metadata,
                                     std::vector<std::size_t>* order = nullptr);
 
 }  // namespace kmoe::io
