@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <regex>
 
 namespace kmoe::io {
 
@@ -194,19 +193,37 @@ std::vector<ExpectedTensor> moe_layer_tensors(const ModelSpec& spec, const Model
   return out;
 }
 
+namespace {
+
+/// Matches `name` against a pattern whose {layer} and {expert} stand for decimal numbers; *layer gets {layer}.
+bool match_pattern(const std::string& pattern, const std::string& name, int* layer) {
+  std::size_t p = 0, n = 0;
+  while (p < pattern.size()) {
+    if (pattern[p] == '{') {
+      const std::size_t close = pattern.find('}', p);
+      const std::string field = pattern.substr(p + 1, close - p - 1);
+      const std::size_t start = n;
+      while (n < name.size() && n - start < 9 && name[n] >= '0' && name[n] <= '9') ++n;
+      if (n == start) return false;
+      if (field == "layer" && layer) *layer = std::stoi(name.substr(start, n - start));
+      p = close + 1;
+    } else {
+      if (n >= name.size() || name[n] != pattern[p]) return false;
+      ++p;
+      ++n;
+    }
+  }
+  return n == name.size();
+}
+
+}  // namespace
+
 bool is_moe_tensor(const ModelSpec& spec, const std::string& name, int* layer) {
   for (const TensorRule* r : {&spec.router, &spec.w1, &spec.w3, &spec.w2, &spec.shared_w1, &spec.shared_w3,
                               &spec.shared_w2}) {
-    if (!r->present()) continue;
-    std::string re;
-    for (char ch : r->pattern) {
-      if (std::strchr(".[]()*+?^$|\\", ch)) re += '\\';
-      re += ch;
-    }
-    re = replace_all(replace_all(re, "{layer}", "([0-9]+)"), "{expert}", "[0-9]+");
-    std::smatch m;
-    if (std::regex_match(name, m, std::regex(re))) {
-      if (layer) *layer = std::stoi(m[1].str());
+    int l = -1;
+    if (r->present() && match_pattern(r->pattern, name, &l)) {
+      if (layer) *layer = l;
       return true;
     }
   }
