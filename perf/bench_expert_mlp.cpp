@@ -15,6 +15,8 @@
 
 #include <Kokkos_Core.hpp>
 #include <chrono>
+#include <cstdlib>
+#include <unistd.h>
 #include <random>
 #include <string>
 
@@ -129,6 +131,20 @@ void BM_DenseSgemm(benchmark::State& state) {
   set_counters(state, 18.0 * double(rows) * double(F) * double(H), rows);
 }
 
+// One grouped up-projection x·W1ᵀ over the plan's expert rows: BLAS (KokkosBlas::gemm per expert) vs the portable kernel.
+void BM_GroupedGemm(benchmark::State& state) {
+  Problem p(state, 1);
+  const auto algo = state.range(5) == 0 ? kmoe::core::GemmAlgo::Blas : kmoe::core::GemmAlgo::Kokkos;
+  const std::int64_t rows = p.plan.num_rows();
+  M xe("xe", rows, p.H), h1("h1", rows, p.F);
+  const Space space;
+  kmoe::core::padded_gather(space, p.x, p.plan.pair_row, p.k, xe);
+  timed_loop(state, [&] { kmoe::core::grouped_gemm(space, 'T', 1.f, xe, p.w1, p.plan.offsets_host, 0.f, h1, algo); });
+  state.counters["FLOP/s"] =
+      benchmark::Counter(2.0 * double(rows) * double(p.F) * double(p.H), benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(algo == kmoe::core::GemmAlgo::Blas ? "blas" : "kokkos");
+}
+
 void shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "H", "F", "E", "k"});
   b->Args({2048, 1024, 2816, 8, 2});  // the target shape
@@ -139,10 +155,25 @@ void shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_DenseSgemm)->Apply(shapes);
 BENCHMARK(BM_ExpertMlpScatter)->Apply(shapes);
 BENCHMARK(BM_ExpertMlpPadded)->Apply(shapes);
+BENCHMARK(BM_GroupedGemm)
+    ->ArgNames({"T", "H", "F", "E", "k", "algo"})
+    ->Args({512, 512, 1408, 8, 2, 0})
+    ->Args({512, 512, 1408, 8, 2, 1})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Idle OpenMP threads must sleep, not spin: the BLAS runs its own threads between Kokkos kernels, and spinning
+  // OpenMP workers steal its cores (2x slower on 2 cores; docs/kernels.md). The OpenMP runtime reads its environment
+  // when it loads, so set it and start again.
+  if (!std::getenv("OMP_WAIT_POLICY")) {
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    setenv("OMP_PROC_BIND", "spread", 0);
+    setenv("OMP_PLACES", "threads", 0);
+    execv("/proc/self/exe", argv);  // returns only on failure: then run as we are
+  }
   Kokkos::ScopeGuard kokkos(argc, argv);
   benchmark::Initialize(&argc, argv);
   benchmark::AddCustomContext("kokkos_exec_space", Space::name());
