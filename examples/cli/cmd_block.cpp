@@ -1,20 +1,28 @@
 // kmoe block: run one MoE block forward and backward on recorded inputs (the transformers oracle's layout).
 #include "cli.hpp"
 
+#include <kmoe/config.hpp>
 #include <kmoe/io/checkpoint.hpp>
 #include <kmoe/io/safetensors.hpp>
 #include <kmoe/moe/checkpoint.hpp>
 #include <kmoe/moe/moe_layer.hpp>
+#if KMOE_ENABLE_MPI
+#include <kmoe/comm/distributed_moe.hpp>
+#include <kmoe/comm/gather.hpp>
+#include <kmoe/comm/mpi_communicator.hpp>
+#endif
 
 #include <algorithm>
 #include <iostream>
+#include <memory>
+#include <optional>
 
 namespace kmoe::cli {
 namespace {
 
 const char* const kHelp =
     "usage: kmoe block --checkpoint DIR --layer I --inputs FILE --out FILE [--precision f64|f32]\n"
-    "                  [--impl scatter|padded] [--backend serial|openmp]\n\n"
+    "                  [--impl scatter|padded] [--backend serial|openmp] [--ep M]\n\n"
     "Runs MoE layer I of the checkpoint forward and backward of L = sum(y * dy) on the float64 tensors\n"
     "layers.I.x and layers.I.dy ([..., hidden]) of the safetensors FILE, and writes (float64, int64 topk_idx)\n"
     "layers.I.{router_logits, topk_idx, topk_weight, y, dx, grad.gate, grad.w1, grad.w3, grad.w2} and, for a model\n"
@@ -22,6 +30,9 @@ const char* const kHelp =
     "  --precision f64|f32      compute type (default f64; f64 computes the softmax in float64)\n"
     "  --impl scatter|padded    ScatterMoE-style or MegaBlocks-style expert path (default scatter)\n"
     "  --backend serial|openmp  Kokkos execution space (default: Kokkos' default)\n"
+    "  --ep M                   expert parallelism under mpirun -np N: the tokens are split over the N ranks, the\n"
+    "                           experts over groups of M ranks (M divides N and is at most the experts; default N);\n"
+    "                           rank 0 writes the same outputs as one process\n"
     "exit codes: 0 ok, 1 bad input (checkpoint, inputs, shapes, layer out of range), 2 bad usage\n";
 
 struct BlockJob {
@@ -31,49 +42,114 @@ struct BlockJob {
   Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace> x, dy;
   moe::MoeOptions options;
   std::string out;
+#if KMOE_ENABLE_MPI
+  const comm::ExpertParallel* layout = nullptr;  // set under expert parallelism
+#endif
 };
 
+/// Rows [row0, row0 + rows) of a float64 host matrix as a T matrix in Space's memory.
 template <class T, class Space>
-std::vector<io::TensorToWrite> run_block(const BlockJob& job) {
-  auto layer = moe::layer_from_checkpoint<T, Space>(job.checkpoint, job.layer, job.options);
+typename moe::MoeViews<T, Space>::matrix to_matrix(const Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace>& src,
+                                                   std::int64_t row0, std::int64_t rows) {
   using matrix = typename moe::MoeViews<T, Space>::matrix;
-  const std::int64_t tokens = job.x.extent(0), hidden = job.x.extent(1);
-  matrix x(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("x")), tokens, hidden);
-  matrix dy(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("dy")), tokens, hidden);
-  auto to_t = [&](const auto& src, const matrix& dst) {
-    auto h = Kokkos::create_mirror_view(dst);
-    for (std::int64_t t = 0; t < tokens; ++t)
-      for (std::int64_t c = 0; c < hidden; ++c) h(t, c) = T(src(t, c));
-    Kokkos::deep_copy(dst, h);
-  };
-  to_t(job.x, x);
-  to_t(job.dy, dy);
-  auto y = layer.forward(x);
-  auto g = layer.backward(dy);
+  const std::int64_t hidden = src.extent(1);
+  matrix dst(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(src.label())), rows, hidden);
+  auto h = Kokkos::create_mirror_view(dst);
+  for (std::int64_t t = 0; t < rows; ++t)
+    for (std::int64_t c = 0; c < hidden; ++c) h(t, c) = T(src(row0 + t, c));
+  Kokkos::deep_copy(dst, h);
+  return dst;
+}
+
+/// The output tensors of a block run, named as in the reference file (y and dx take the shape of x).
+template <class LogitsView, class IdxView, class WeightView, class RowsView, class Grads>
+std::vector<io::TensorToWrite> block_outputs(const BlockJob& job, const LogitsView& logits, const IdxView& topk_idx,
+                                             const WeightView& topk_weight, const RowsView& y, const RowsView& dx,
+                                             const Grads& grads) {
   const std::string p = "layers." + std::to_string(job.layer) + ".";
   std::vector<io::TensorToWrite> out;
   auto add = [&](const std::string& name, const auto& view) {
     out.push_back(io::tensor_from_host_view(p + name, view, io::DType::F64));
   };
-  auto add_like_x = [&](const std::string& name, const matrix& view) {
+  auto add_like_x = [&](const std::string& name, const RowsView& view) {
     add(name, view);
     out.back().shape = job.x_shape;  // same elements, row-major: only the leading dims differ
   };
-  add("router_logits", layer.router_logits());
-  out.push_back(io::tensor_from_host_view(p + "topk_idx", layer.routing().topk_idx, io::DType::I64));
-  add("topk_weight", layer.routing().topk_weight);
+  add("router_logits", logits);
+  out.push_back(io::tensor_from_host_view(p + "topk_idx", topk_idx, io::DType::I64));
+  add("topk_weight", topk_weight);
   add_like_x("y", y);
-  add_like_x("dx", g.dx);
-  add("grad.gate", g.grads.router);
-  add("grad.w1", g.grads.w1);
-  add("grad.w3", g.grads.w3);
-  add("grad.w2", g.grads.w2);
-  if (layer.weights().has_shared()) {
-    add("grad.shared_w1", g.grads.shared_w1);
-    add("grad.shared_w3", g.grads.shared_w3);
-    add("grad.shared_w2", g.grads.shared_w2);
+  add_like_x("dx", dx);
+  add("grad.gate", grads.router);
+  add("grad.w1", grads.w1);
+  add("grad.w3", grads.w3);
+  add("grad.w2", grads.w2);
+  if (grads.has_shared()) {
+    add("grad.shared_w1", grads.shared_w1);
+    add("grad.shared_w3", grads.shared_w3);
+    add("grad.shared_w2", grads.shared_w2);
   }
   return out;
+}
+
+#if KMOE_ENABLE_MPI
+/// Expert parallelism (comm::DistributedMoe): this rank's contiguous share of the tokens, its slice of the experts.
+/// Gradients are reduced over the ranks; rank 0 gathers the per-token outputs and replica 0's expert-gradient slices
+/// and returns the single-process outputs; the other ranks return nothing.
+template <class T, class Space>
+std::vector<io::TensorToWrite> run_block_ep(const BlockJob& job) {
+  using views = moe::MoeViews<T, Space>;
+  const comm::ExpertParallel& layout = *job.layout;
+  comm::Communicator& world = layout.world();
+  moe::MoeOptions options = job.options;
+  if (options.top_k == 0) options.top_k = job.checkpoint.config().top_k;
+  const auto full = moe::load_weights<T, Space>(job.checkpoint, job.layer);
+  comm::DistributedMoe<T, Space> block(layout, comm::local_slice(full, layout), options);
+  const auto mine = comm::contiguous_split(job.x.extent(0), world.size(), world.rank());
+  const auto x = to_matrix<T, Space>(job.x, mine.begin, mine.count);
+  const auto dy = to_matrix<T, Space>(job.dy, mine.begin, mine.count);
+  const auto y = block.forward(x);
+  auto back = block.backward(dy);
+  block.gradient_set(back).reduce();
+
+  // Per-token outputs: concatenated in rank order, which is token order.
+  const auto logits = comm::gather_rows(world, block.routing().logits);
+  const auto topk_idx = comm::gather_rows(world, block.routing().topk_idx);
+  const auto topk_weight = comm::gather_rows(world, block.routing().topk_weight);
+  const auto y_all = comm::gather_rows(world, y);
+  const auto dx_all = comm::gather_rows(world, back.dx);
+  // Expert gradients: replica 0's ep group holds every expert once (world rank 0 is its ep rank 0).
+  moe::MoeWeights<T, Space> grads = back.grads;
+  if (layout.replica() == 0) {
+    auto gather_experts = [&](const typename views::tensor3& g) {
+      using Flat = Kokkos::View<T**, Kokkos::LayoutRight, typename views::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+      const auto all = comm::gather_rows(layout.ep_group(), Flat(g.data(), g.extent(0), g.extent(1) * g.extent(2)));
+      typename views::tensor3 out(std::string(g.label()), all.extent(0), g.extent(1), g.extent(2));
+      Kokkos::deep_copy(Flat(out.data(), all.extent(0), all.extent(1)), all);
+      return out;
+    };
+    grads.w1 = gather_experts(back.grads.w1);
+    grads.w3 = gather_experts(back.grads.w3);
+    grads.w2 = gather_experts(back.grads.w2);
+  }
+  if (world.rank() != 0) return {};
+  return block_outputs(job, logits, topk_idx, topk_weight, y_all, dx_all, grads);
+}
+#endif
+
+template <class T, class Space>
+std::vector<io::TensorToWrite> run_block(const BlockJob& job) {
+#if KMOE_ENABLE_MPI
+  if (job.layout) return run_block_ep<T, Space>(job);
+#endif
+  auto layer = moe::layer_from_checkpoint<T, Space>(job.checkpoint, job.layer, job.options);
+  const std::int64_t tokens = job.x.extent(0);
+  const auto x = to_matrix<T, Space>(job.x, 0, tokens);
+  const auto dy = to_matrix<T, Space>(job.dy, 0, tokens);
+  auto y = layer.forward(x);
+  auto g = layer.backward(dy);
+  return block_outputs(job, layer.router_logits(), layer.routing().topk_idx, layer.routing().topk_weight, y, g.dx,
+                       g.grads);
 }
 
 template <class T>
@@ -95,9 +171,8 @@ std::vector<io::TensorToWrite> run_on_backend(const BlockJob& job, const std::st
 }
 
 int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
-  // --ep M (expert parallelism over MPI ranks) is added by comm/ beside these.
   Args args("kmoe block", argv_rest,
-            {"checkpoint", "layer", "inputs", "out", "precision", "impl", "backend", "block"});
+            {"checkpoint", "layer", "inputs", "out", "precision", "impl", "backend", "block", "ep"});
   args.expect_positionals(0, 0, "no positional arguments");
   moe::MoeOptions options;
   const std::string ckpt_dir = args.required("checkpoint");
@@ -112,40 +187,66 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   options.block = args.get_int("block", options.block);
   KMOE_CHECK_USAGE(options.block >= 1, "--block ", options.block, " must be >= 1");
   options.top_k = 0;  // from the config
+  const long long ep = args.get_int("ep", 0);
+  KMOE_CHECK_USAGE(!args.has("ep") || ep >= 1, "--ep ", ep, " must be >= 1");
 
   Runtime runtime(argc, argv);
-  BlockJob job;  // after the runtime: its Views must die before Kokkos::finalize
-  job.options = options;
-  job.out = out;
-  job.checkpoint = io::HfCheckpoint::open(ckpt_dir);
-  const auto& config = job.checkpoint.config();
-  KMOE_CHECK_INPUT(layer < config.num_layers, ckpt_dir, ": --layer ", layer, " is out of range (the model has ",
-                   config.num_layers, " layers: 0..", config.num_layers - 1, ")");
-  job.layer = static_cast<int>(layer);
+#if KMOE_ENABLE_MPI
+  // Under mpirun (or with --ep) every rank runs the body; a rank that fails ends the job with its message instead of
+  // leaving the others waiting in a collective.
+  const bool distributed = runtime.size() > 1 || args.has("ep");
+  std::unique_ptr<comm::MpiCommunicator> world = distributed ? comm::MpiCommunicator::world() : nullptr;
+  std::optional<comm::ExpertParallel> layout;
+#else
+  KMOE_CHECK_USAGE(!args.has("ep"), "--ep needs a kmoe built with MPI (KMOE_ENABLE_MPI=ON)");
+  const bool distributed = false;
+#endif
+  auto body = [&]() -> int {
+    BlockJob job;  // after the runtime: its Views must die before Kokkos::finalize
+    job.options = options;
+    job.out = out;
+    job.checkpoint = io::HfCheckpoint::open(ckpt_dir);
+    const auto& config = job.checkpoint.config();
+    KMOE_CHECK_INPUT(layer < config.num_layers, ckpt_dir, ": --layer ", layer, " is out of range (the model has ",
+                     config.num_layers, " layers: 0..", config.num_layers - 1, ")");
+    job.layer = static_cast<int>(layer);
+#if KMOE_ENABLE_MPI
+    if (distributed) {
+      // Checks the layout (ep <= experts, N a multiple of ep) identically on every rank before any communication.
+      layout.emplace(*world, config.num_experts, static_cast<int>(ep));
+      job.layout = &*layout;
+    }
+#endif
 
-  const auto file = io::SafetensorsFile::open(inputs);
-  const std::string p = "layers." + std::to_string(layer) + ".";
-  const auto& xt = file.tensor(p + "x");
-  const auto& dyt = file.tensor(p + "dy");
-  KMOE_CHECK_INPUT(!xt.shape.empty() && xt.shape.back() == config.hidden_size, inputs, ": tensor '", xt.name,
-                   "' has shape ", xt.shape_string(), ", expected [..., ", config.hidden_size, "] (hidden_size)");
-  KMOE_CHECK_INPUT(dyt.shape == xt.shape, inputs, ": tensor '", dyt.name, "' has shape ", dyt.shape_string(),
-                   ", expected the shape of '", xt.name, "' ", xt.shape_string());
-  job.x_shape = xt.shape;
-  const std::int64_t hidden = config.hidden_size, tokens = xt.numel() / hidden;
-  KMOE_CHECK_INPUT(tokens >= 1, inputs, ": tensor '", xt.name, "' has no tokens (shape ", xt.shape_string(), ")");
-  using HostMatrix = Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace>;
-  auto load = [&](const io::TensorView& t, HostMatrix& dst) {
-    const auto v = io::to_host_view<double>(t);  // flat, row-major: [..., H] is [tokens, H]
-    dst = HostMatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, t.name), tokens, hidden);
-    std::copy(v.data(), v.data() + v.extent(0), dst.data());
+    const auto file = io::SafetensorsFile::open(inputs);
+    const std::string p = "layers." + std::to_string(layer) + ".";
+    const auto& xt = file.tensor(p + "x");
+    const auto& dyt = file.tensor(p + "dy");
+    KMOE_CHECK_INPUT(!xt.shape.empty() && xt.shape.back() == config.hidden_size, inputs, ": tensor '", xt.name,
+                     "' has shape ", xt.shape_string(), ", expected [..., ", config.hidden_size, "] (hidden_size)");
+    KMOE_CHECK_INPUT(dyt.shape == xt.shape, inputs, ": tensor '", dyt.name, "' has shape ", dyt.shape_string(),
+                     ", expected the shape of '", xt.name, "' ", xt.shape_string());
+    job.x_shape = xt.shape;
+    const std::int64_t hidden = config.hidden_size, tokens = xt.numel() / hidden;
+    KMOE_CHECK_INPUT(tokens >= 1, inputs, ": tensor '", xt.name, "' has no tokens (shape ", xt.shape_string(), ")");
+    using HostMatrix = Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+    auto load = [&](const io::TensorView& t, HostMatrix& dst) {
+      const auto v = io::to_host_view<double>(t);  // flat, row-major: [..., H] is [tokens, H]
+      dst = HostMatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, t.name), tokens, hidden);
+      std::copy(v.data(), v.data() + v.extent(0), dst.data());
+    };
+    load(xt, job.x);
+    load(dyt, job.dy);
+
+    const auto tensors =
+        precision == "f64" ? run_on_backend<double>(job, backend) : run_on_backend<float>(job, backend);
+    if (!distributed || runtime.rank() == 0) io::write_safetensors(job.out, tensors);
+    return 0;
   };
-  load(xt, job.x);
-  load(dyt, job.dy);
-
-  const auto tensors = precision == "f64" ? run_on_backend<double>(job, backend) : run_on_backend<float>(job, backend);
-  io::write_safetensors(job.out, tensors);
-  return 0;
+#if KMOE_ENABLE_MPI
+  if (distributed) return comm::run_or_abort(*world, "kmoe block", body);
+#endif
+  return body();
 }
 
 }  // namespace

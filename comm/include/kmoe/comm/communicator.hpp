@@ -13,6 +13,7 @@
 #include <kmoe/core/error.hpp>
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -117,6 +118,7 @@ auto run_or_abort(Communicator& comm, const std::string& program, Body&& body) -
     comm.abort(exit_code_for(e), program + ": rank " + std::to_string(comm.rank()) + "/" +
                                      std::to_string(comm.size()) + ": " + e.what());
   }
+  std::abort();  // not reached: abort() ends the job
 }
 
 }  // namespace kmoe::comm
