@@ -291,22 +291,6 @@ H5Handle open_file(const fs::path& path) {
   return H5Handle(KMOE_H5(H5Fopen(w.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), w));
 }
 
-// ---- POSIX durability ----------------------------------------------------------------------------------------
-
-void fsync_path(const fs::path& p, bool directory) {
-  const int fd = ::open(p.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
-  KMOE_CHECK_INPUT(fd >= 0, p.string(), ": cannot open for fsync: ", std::strerror(errno));
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  KMOE_CHECK_INPUT(rc == 0, p.string(), ": fsync failed: ", std::strerror(err));
-}
-
-void rename_or_throw(const fs::path& from, const fs::path& to) {
-  KMOE_CHECK_INPUT(::rename(from.c_str(), to.c_str()) == 0, "cannot rename ", from.string(), " to ", to.string(), ": ",
-                   std::strerror(errno));
-}
-
 std::string rank_file_name(int rank, int size) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "rank-%05d-of-%05d.h5", rank, size);
@@ -381,7 +365,7 @@ void write_rank_file(const fs::path& path, const CheckpointContents& c, int rank
   KMOE_CHECK_INPUT(dup == seen.end(), w, ": tensor '", *dup, "' given twice by rank ", rank);
   tensors.reset();
   file.close_file_checked(w);
-  fsync_path(path, false);
+  detail::fsync_path(path, false);
 }
 
 void write_source(hid_t file, const SourcePlan& src, const std::string& w) {
@@ -508,7 +492,7 @@ void write_manifest(const fs::path& tmp_dir, const CheckpointContents& c, int si
   attrs.reset();
   write_source(file, c.source, w);
   file.close_file_checked(w);
-  fsync_path(path, false);
+  detail::fsync_path(path, false);
 }
 
 }  // namespace
@@ -542,9 +526,7 @@ void save_hdf5_checkpoint(const fs::path& dir_in, const CheckpointContents& cont
     if (options.on_stage) options.on_stage(s);
   };
   const fs::path dir = fs::absolute(dir_in).lexically_normal();
-  const fs::path parent = dir.parent_path(), name = dir.filename();
-  const fs::path tmp = parent / ("." + name.string() + ".kmoe-tmp");
-  const fs::path old = parent / ("." + name.string() + ".kmoe-old");
+  const fs::path tmp = detail::sibling_temp_dir(dir);
 
   // Each phase ends in all_ok: a failure anywhere makes every rank throw (the local error where there is one).
   std::exception_ptr error;
@@ -568,10 +550,7 @@ void save_hdf5_checkpoint(const fs::path& dir_in, const CheckpointContents& cont
     KMOE_CHECK_INPUT(contents.expert_ranges.empty() || contents.expert_ranges.size() == std::size_t(group.size),
                      "checkpoint ", dir.string(), ": ", contents.expert_ranges.size(), " expert ranges for ",
                      group.size, " ranks");
-    fs::create_directories(parent);
-    fs::remove_all(tmp);  // a save killed earlier leaves its temp directory behind
-    fs::remove_all(old);
-    fs::create_directory(tmp);
+    detail::prepare_temp_dir(tmp);
     stage("prepared");
   });
   phase(true, [&] {
@@ -581,23 +560,7 @@ void save_hdf5_checkpoint(const fs::path& dir_in, const CheckpointContents& cont
   phase(group.rank == 0, [&] {
     write_manifest(tmp, contents, group.size);
     stage("manifest-written");
-    fsync_path(tmp, true);
-    if (fs::exists(dir)) {
-      // Replacing a checkpoint of the same name: swap atomically where the file system can, so that one complete
-      // checkpoint is under `dir` at every moment.
-      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
-        stage("renamed");
-        fsync_path(parent, true);
-        fs::remove_all(tmp);
-        return;
-      }
-      rename_or_throw(dir, old);
-      stage("old-moved");
-    }
-    rename_or_throw(tmp, dir);
-    stage("renamed");
-    fsync_path(parent, true);
-    fs::remove_all(old);
+    detail::commit_directory(tmp, dir, stage);
   });
 }
 

@@ -1,6 +1,12 @@
 // Checked HDF5 calls: error-stack silencing, message extraction, RAII close.
 #include "hdf5_detail.hpp"
 
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <mutex>
 
 namespace kmoe::io::detail {
@@ -57,6 +63,65 @@ void H5Handle::close_file_checked(const std::string& where) {
   const hid_t id = std::exchange(id_, H5I_INVALID_HID);
   if (id == H5I_INVALID_HID) return;
   KMOE_H5(H5Fclose(id), where);
+}
+
+namespace fs = std::filesystem;
+
+void fsync_path(const fs::path& p, bool directory) {
+  const int fd = ::open(p.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  KMOE_CHECK_INPUT(fd >= 0, p.string(), ": cannot open for fsync: ", std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  KMOE_CHECK_INPUT(rc == 0, p.string(), ": fsync failed: ", std::strerror(err));
+}
+
+namespace {
+void rename_or_throw(const fs::path& from, const fs::path& to) {
+  KMOE_CHECK_INPUT(::rename(from.c_str(), to.c_str()) == 0, "cannot rename ", from.string(), " to ", to.string(), ": ",
+                   std::strerror(errno));
+}
+fs::path sibling_old_dir(const fs::path& dir) {
+  return dir.parent_path() / ("." + dir.filename().string() + ".kmoe-old");
+}
+}  // namespace
+
+fs::path sibling_temp_dir(const fs::path& dir) {
+  return dir.parent_path() / ("." + dir.filename().string() + ".kmoe-tmp");
+}
+
+void prepare_temp_dir(const fs::path& tmp) {
+  std::error_code ec;
+  fs::create_directories(tmp.parent_path(), ec);
+  KMOE_CHECK_INPUT(!ec, tmp.parent_path().string(), ": cannot create directory: ", ec.message());
+  const std::string name = tmp.filename().string();
+  const std::string base = name.substr(1, name.size() - 1 - std::string(".kmoe-tmp").size());
+  fs::remove_all(tmp, ec);
+  fs::remove_all(tmp.parent_path() / ("." + base + ".kmoe-old"), ec);
+  fs::create_directory(tmp, ec);
+  KMOE_CHECK_INPUT(!ec, tmp.string(), ": cannot create directory: ", ec.message());
+}
+
+void commit_directory(const fs::path& tmp, const fs::path& dir,
+                      const std::function<void(const std::string&)>& stage) {
+  fsync_path(tmp, true);
+  const fs::path parent = dir.parent_path(), old = sibling_old_dir(dir);
+  if (fs::exists(dir)) {
+    // Replacing a directory of the same name: swap atomically where the file system can, so that one complete
+    // version is under `dir` at every moment.
+    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
+      stage("renamed");
+      fsync_path(parent, true);
+      fs::remove_all(tmp);
+      return;
+    }
+    rename_or_throw(dir, old);
+    stage("old-moved");
+  }
+  rename_or_throw(tmp, dir);
+  stage("renamed");
+  fsync_path(parent, true);
+  fs::remove_all(old);
 }
 
 }  // namespace kmoe::io::detail

@@ -8,6 +8,8 @@
 #include <kmoe/core/error.hpp>
 
 #include <cstdint>
+#include <filesystem>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -48,6 +50,24 @@ class H5Handle {
  private:
   hid_t id_ = H5I_INVALID_HID;
 };
+
+// ---- atomic directories (HDF5 checkpoints and converted Hugging Face directories) ----------------------------
+
+/// fsync of a file or a directory; InputError naming the path on failure.
+void fsync_path(const std::filesystem::path& p, bool directory);
+
+/// The temporary sibling a directory is built in: PARENT/.NAME.kmoe-tmp (one name, so a killed build's leftovers are
+/// found and removed by the next one).
+std::filesystem::path sibling_temp_dir(const std::filesystem::path& dir);
+
+/// Creates `tmp` empty (removing leftovers of a killed run, and of a killed replacement: PARENT/.NAME.kmoe-old).
+void prepare_temp_dir(const std::filesystem::path& tmp);
+
+/// Makes the fully written `tmp` directory appear as `dir`: fsync tmp, then rename (or, when `dir` exists, swap
+/// atomically with renameat2(RENAME_EXCHANGE) where the file system can, else move the old one aside first), fsync
+/// the parent, remove the old contents. `stage` is called after each step (tests kill the process there).
+void commit_directory(const std::filesystem::path& tmp, const std::filesystem::path& dir,
+                      const std::function<void(const std::string&)>& stage);
 
 }  // namespace kmoe::io::detail
 

@@ -18,7 +18,9 @@
 /// kmoe::InputError (bad or damaged files) naming the file and dataset.
 #pragma once
 
+#include <kmoe/io/checkpoint.hpp>
 #include <kmoe/io/dtype.hpp>
+#include <kmoe/io/model_spec.hpp>
 
 #include <cstdint>
 #include <filesystem>
@@ -160,5 +162,64 @@ std::filesystem::path latest_checkpoint(const std::filesystem::path& run_dir);
 /// Contiguous expert ranges: `num_experts` split over `ranks` as evenly as possible, the first ranks taking one more
 /// when it does not divide (the same placement as kmoe's communicator).
 std::vector<std::pair<std::int64_t, std::int64_t>> contiguous_expert_ranges(std::int64_t num_experts, int ranks);
+
+// ---- Model level: a Hugging Face checkpoint's state <-> a kmoe HDF5 checkpoint <-> a Hugging Face directory ----
+//
+// Naming inside a checkpoint: tensors of the source checkpoint that are not MoE tensors keep their names, dtypes and
+// bytes ("model.embed_tokens.weight"); MoE layer L is stored in kmoe's layout as "moe.L.router" [E,H],
+// "moe.L.w1"/"moe.L.w3" [E,F,H], "moe.L.w2" [E,H,F] (sharded over ranks by expert) and "moe.L.shared_w1"/
+// "moe.L.shared_w3" [S,H], "moe.L.shared_w2" [H,S], in the precision the trainer holds them (F32 or F64);
+// optimizer state is "optim.NAME" (see the trainer). Attributes record the rest (docs/checkpoint-format.md).
+
+/// The parts of a MoE layer in kmoe's layout, in this order: router, w1, w3, w2, shared_w1, shared_w3, shared_w2.
+const std::vector<std::string>& moe_parts();
+
+/// "{prefix}moe.{layer}.{part}" — the checkpoint name of one kmoe-layout tensor (prefix "" for the weights,
+/// e.g. "optim.exp_avg." for optimizer state of the same shapes).
+std::string moe_tensor_name(int layer, const std::string& part, const std::string& prefix = "");
+
+/// The plan of a Hugging Face checkpoint directory: tensors (index order) with file, dtype and shape; shard files
+/// with their tensor order and __metadata__; and the verbatim config.json, generation_config.json and
+/// model.safetensors.index.json (those present).
+SourcePlan source_plan_of(const HfCheckpoint& hf);
+
+/// Adds MoE layer `layer` to `contents`: the experts `weights` holds (global experts
+/// [first_expert, first_expert + weights.w1.extent(0)) of weights.router.extent(0)) as rows of the global stacks,
+/// and, when `with_replicated`, the router and shared expert. Stored as dtype_of<T>() under moe_tensor_name(layer,
+/// part, prefix); `weights` is kept alive by `contents`.
+template <class T>
+void add_moe_layer(CheckpointContents& contents, int layer, const MoeLayerWeights<T>& weights,
+                   std::int64_t first_expert, bool with_replicated, const std::string& prefix = "");
+
+/// Adds every tensor of `hf` that is not a MoE tensor of `spec` (embeddings, attention, norms, lm_head) with its
+/// original name, dtype and bytes (borrowed from the file mapping, kept alive by `contents`).
+void add_non_moe_tensors(CheckpointContents& contents, const HfCheckpoint& hf, const ModelSpec& spec);
+
+/// Adds the non-MoE tensors stored in `checkpoint` (those named in its source plan), copied (for a resumed run).
+void add_non_moe_tensors(CheckpointContents& contents, const Hdf5Checkpoint& checkpoint);
+
+/// The MoE layers stored in `checkpoint` (those with a "moe.L.router"), ascending.
+std::vector<int> moe_layers(const Hdf5Checkpoint& checkpoint);
+
+/// Loads MoE layer `layer` from `checkpoint` with experts [expert_begin, expert_end) (any range: a checkpoint saved
+/// by N ranks loads into any rank count), converted to T (float, double). Router and shared expert are whole.
+/// 	hrows InputError for a missing layer or tensor, inconsistent shapes, or a range outside [0, E]
+template <class T>
+MoeLayerWeights<T> load_moe_layer(const Hdf5Checkpoint& checkpoint, int layer, std::int64_t expert_begin,
+                                  std::int64_t expert_end, const std::string& prefix = "");
+
+/// Checks that `checkpoint` was saved from a model like `hf`: same architecture, same source tensor names, dtypes and
+/// shapes. \throws InputError naming the first difference (a spec mismatch)
+void check_same_model(const Hdf5Checkpoint& checkpoint, const HfCheckpoint& hf);
+
+/// Writes the Hugging Face checkpoint of `checkpoint` into `out_dir`: the source's tensor names, dtypes, shard plan
+/// and file names (MoE tensors re-assembled from kmoe's layout through the spec: per-expert for Mixtral, fused for
+/// Granite, the shared expert), model.safetensors.index.json, config.json and generation_config.json. With unchanged
+/// weights every file is byte-identical to the source. `out_dir` is built beside itself and renamed into place
+/// (atomic; an existing directory is replaced). Progress shows on a terminal.
+/// \param original_dir [in] the source Hugging Face directory: checked with check_same_model, its config.json and
+///                           generation_config.json are copied; empty = use the copies recorded in the checkpoint
+void convert_to_hf(const Hdf5Checkpoint& checkpoint, const std::filesystem::path& out_dir,
+                   const std::filesystem::path& original_dir = {});
 
 }  // namespace kmoe::io

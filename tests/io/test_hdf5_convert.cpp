@@ -1,0 +1,169 @@
+// Hugging Face checkpoint -> kmoe HDF5 checkpoint -> Hugging Face directory, on every testdata set: byte-identical
+// files with unchanged weights, trained (changed) MoE weights land in the right tensors, MoE layers re-slice to any
+// expert range, and a checkpoint converted against the wrong original is a spec mismatch.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <kmoe/core/error.hpp>
+#include <kmoe/io/hdf5_checkpoint.hpp>
+#include <sstream>
+
+#include "kmoe_test.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using kmoe::io::HfCheckpoint;
+using kmoe::io::Hdf5Checkpoint;
+
+std::vector<fs::path> hf_dirs() {
+  std::vector<fs::path> dirs;
+  for (const char* set : {"mixtral-tiny", "granitemoe-tiny", "granitemoeshared-tiny"})
+    dirs.push_back(kmoe::test::testdata_dir() / set / "hf_save_pretrained");
+  dirs.push_back(kmoe::test::repo_data_dir() / "granitemoe-tiny");
+  return dirs;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// Every file of `original` has a byte-identical twin in `converted`, and nothing else is there.
+void expect_same_files(const fs::path& original, const fs::path& converted) {
+  std::size_t n = 0;
+  for (const auto& e : fs::directory_iterator(original)) {
+    const fs::path twin = converted / e.path().filename();
+    ASSERT_TRUE(fs::exists(twin)) << twin;
+    EXPECT_TRUE(slurp(e.path()) == slurp(twin)) << "differs: " << twin;
+    ++n;
+  }
+  std::size_t m = 0;
+  for (const auto& e : fs::directory_iterator(converted)) m += e.is_regular_file() ? 1 : 0;
+  EXPECT_EQ(m, n) << converted;
+}
+
+// One process saves the whole model state of `hf` at step 0 (every expert, every tensor), weights as float;
+// `perturb` may change the MoE weights before saving.
+void save_model(const HfCheckpoint& hf, const fs::path& dir,
+                const std::function<void(int, kmoe::io::MoeLayerWeights<float>&)>& perturb = {}) {
+  const auto& spec = kmoe::io::spec_for(hf.config().architecture);
+  kmoe::io::CheckpointContents c;
+  c.step = 0;
+  c.architecture = spec.architecture;
+  c.expert_ranges = {{0, hf.config().num_experts}};
+  c.source = kmoe::io::source_plan_of(hf);
+  for (int layer : kmoe::io::find_moe_layers(hf, spec)) {
+    auto w = kmoe::io::load_moe_layer<float>(hf, layer);
+    if (perturb) perturb(layer, w);
+    kmoe::io::add_moe_layer(c, layer, w, 0, true);
+  }
+  kmoe::io::add_non_moe_tensors(c, hf, spec);
+  kmoe::io::save_hdf5_checkpoint(dir, c);
+}
+
+TEST(Hdf5Convert, UnchangedWeightsReproduceEveryFileByteForByte) {
+  for (const auto& src : hf_dirs()) {
+    SCOPED_TRACE(src.string());
+    kmoe::test::ScratchDir tmp("hdf5-convert");
+    const auto hf = HfCheckpoint::open(src);
+    save_model(hf, tmp.path() / "checkpoint-0");
+    const auto ck = Hdf5Checkpoint::open(tmp.path() / "checkpoint-0");
+    kmoe::io::check_same_model(ck, hf);
+    EXPECT_EQ(kmoe::io::moe_layers(ck), kmoe::io::find_moe_layers(hf, kmoe::io::spec_for(ck.architecture())));
+    kmoe::io::convert_to_hf(ck, tmp.path() / "hf", src);
+    expect_same_files(src, tmp.path() / "hf");
+    // Without the original directory: the config files recorded in the checkpoint.
+    kmoe::io::convert_to_hf(ck, tmp.path() / "hf2");
+    expect_same_files(src, tmp.path() / "hf2");
+    // Converting again over an existing directory replaces it atomically.
+    kmoe::io::convert_to_hf(ck, tmp.path() / "hf", src);
+    expect_same_files(src, tmp.path() / "hf");
+  }
+}
+
+// Re-slicing: the experts of any range equal the Hugging Face checkpoint's.
+TEST(Hdf5Convert, MoeLayersLoadIntoAnyExpertRange) {
+  for (const auto& src : hf_dirs()) {
+    SCOPED_TRACE(src.string());
+    kmoe::test::ScratchDir tmp("hdf5-reslice");
+    const auto hf = HfCheckpoint::open(src);
+    save_model(hf, tmp.path() / "checkpoint-0");
+    const auto ck = Hdf5Checkpoint::open(tmp.path() / "checkpoint-0");
+    for (int layer : kmoe::io::moe_layers(ck)) {
+      const auto full = kmoe::io::load_moe_layer<double>(hf, layer);
+      const std::int64_t E = static_cast<std::int64_t>(full.router.extent(0));
+      for (int ranks : {1, 2, 3, 4}) {
+        for (const auto& [b, e] : kmoe::io::contiguous_expert_ranges(E, ranks)) {
+          const auto part = kmoe::io::load_moe_layer<double>(ck, layer, b, e);
+          ASSERT_EQ(part.w1.extent(0), std::size_t(e - b));
+          for (std::int64_t x = b; x < e; ++x)
+            for (std::size_t i = 0; i < part.w1.extent(1); ++i)
+              for (std::size_t j = 0; j < part.w1.extent(2); ++j) {
+                ASSERT_EQ(part.w1(x - b, i, j), full.w1(x, i, j));
+                ASSERT_EQ(part.w3(x - b, i, j), full.w3(x, i, j));
+                ASSERT_EQ(part.w2(x - b, j, i), full.w2(x, j, i));
+              }
+          for (std::size_t i = 0; i < part.router.size(); ++i) ASSERT_EQ(part.router.data()[i], full.router.data()[i]);
+          ASSERT_EQ(part.shared_w1.size(), full.shared_w1.size());
+          for (std::size_t i = 0; i < part.shared_w2.size(); ++i)
+            ASSERT_EQ(part.shared_w2.data()[i], full.shared_w2.data()[i]);
+        }
+      }
+      EXPECT_THROW(kmoe::io::load_moe_layer<double>(ck, layer, 0, E + 1), kmoe::InputError);
+    }
+    EXPECT_THROW(kmoe::io::load_moe_layer<double>(ck, 99, 0, 1), kmoe::InputError);
+  }
+}
+
+// Changed MoE weights go to the MoE tensors (and only there), rounded to the source dtype.
+TEST(Hdf5Convert, ChangedMoeWeightsLandInTheirTensors) {
+  const fs::path src = kmoe::test::testdata_dir() / "granitemoeshared-tiny" / "hf_save_pretrained";
+  kmoe::test::ScratchDir tmp("hdf5-convert-changed");
+  const auto hf = HfCheckpoint::open(src);
+  save_model(hf, tmp.path() / "checkpoint-0", [](int layer, kmoe::io::MoeLayerWeights<float>& w) {
+    if (layer != 0) return;
+    w.w3(1, 2, 3) = 0.5f;        // expert 1: row F+2 of input_linear
+    w.shared_w2(4, 5) = -0.25f;  // shared_mlp.output_linear (4, 5)
+  });
+  const auto ck = Hdf5Checkpoint::open(tmp.path() / "checkpoint-0");
+  kmoe::io::convert_to_hf(ck, tmp.path() / "hf", src);
+  const auto out = HfCheckpoint::open(tmp.path() / "hf");
+  for (const auto& name : hf.tensor_names()) {
+    const auto& a = hf.tensor(name);
+    const auto& b = out.tensor(name);
+    ASSERT_EQ(a.nbytes, b.nbytes) << name;
+    const bool same = std::memcmp(a.data, b.data, a.nbytes) == 0;
+    const bool changed = name == "model.layers.0.block_sparse_moe.input_linear.weight" ||
+                         name == "model.layers.0.shared_mlp.output_linear.weight";
+    EXPECT_EQ(same, !changed) << name;
+  }
+  const auto w = kmoe::io::load_moe_layer<float>(out, 0);
+  EXPECT_EQ(w.w3(1, 2, 3), 0.5f);
+  EXPECT_EQ(w.shared_w2(4, 5), -0.25f);
+  EXPECT_EQ(kmoe::io::load_moe_layer<float>(out, 1).w3(1, 2, 3), kmoe::io::load_moe_layer<float>(hf, 1).w3(1, 2, 3));
+}
+
+TEST(Hdf5Convert, WrongOriginalIsASpecMismatch) {
+  const fs::path mixtral = kmoe::test::testdata_dir() / "mixtral-tiny" / "hf_save_pretrained";
+  const fs::path granite = kmoe::test::testdata_dir() / "granitemoe-tiny" / "hf_save_pretrained";
+  const fs::path shared = kmoe::test::testdata_dir() / "granitemoeshared-tiny" / "hf_save_pretrained";
+  kmoe::test::ScratchDir tmp("hdf5-mismatch");
+  save_model(HfCheckpoint::open(granite), tmp.path() / "checkpoint-0");
+  const auto ck = Hdf5Checkpoint::open(tmp.path() / "checkpoint-0");
+  for (const auto& other : {mixtral, shared}) {
+    try {
+      kmoe::io::convert_to_hf(ck, tmp.path() / "hf", other);
+      FAIL() << "expected a spec mismatch against " << other;
+    } catch (const kmoe::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("spec mismatch"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_FALSE(fs::exists(tmp.path() / "hf"));
+}
+
+}  // namespace
