@@ -86,7 +86,7 @@ int run(kmoe::comm::MpiCommunicator& world, int ep) {
       scale = std::max(scale, std::abs(y_ref(mine.begin + t, c)));
     }
   double rel = scale > 0 ? worst / scale : worst;
-  MPI_Allreduce(MPI_IN_PLACE, &rel, 1, MPI_DOUBLE, MPI_MAX, world.native());
+  KMOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &rel, 1, MPI_DOUBLE, MPI_MAX, world.native()));
   double sumsq = 0;
   for (const auto& v : {back_ref.grads.router, back_ref.grads.shared_w1, back_ref.grads.shared_w3,
                         back_ref.grads.shared_w2})

@@ -22,6 +22,10 @@ std::vector<Index> to_host_row_major(const IdxView& v) {
   return out;
 }
 
+/// Rows x columns, columns fastest (row-major data): no integer division per element.
+using Rows2D = Kokkos::MDRangePolicy<Kokkos::DefaultExecutionSpace, Kokkos::Rank<2, Kokkos::Iterate::Right, Kokkos::Iterate::Right>,
+                                     Kokkos::IndexType<Index>>;
+
 /// The source row of row i: index(i) / div, or i itself when identity.
 struct SourceRow {
   DispatchHandle::IndexView index;
@@ -36,11 +40,8 @@ void gather_rows(const Dst& dst, const Src& src, const SourceRow& from) {
   const Index n = static_cast<Index>(dst.extent(0)), w = static_cast<Index>(dst.extent(1));
   if (n == 0 || w == 0) return;
   Kokkos::parallel_for(
-      "kmoe::comm::gather_rows", Kokkos::RangePolicy<Kokkos::DefaultExecutionSpace, Kokkos::IndexType<Index>>(0, n * w),
-      KOKKOS_LAMBDA(const Index ic) {
-        const Index i = ic / w, c = ic % w;
-        dst(i, c) = src(from(i), c);
-      });
+      "kmoe::comm::gather_rows", Rows2D({0, 0}, {n, w}),
+      KOKKOS_LAMBDA(const Index i, const Index c) { dst(i, c) = src(from(i), c); });
 }
 
 /// dst(index(i), :) = src(i, :) for every row i of src (index is a permutation: no two rows collide).
@@ -49,11 +50,8 @@ void scatter_rows(const Dst& dst, const Src& src, const DispatchHandle::IndexVie
   const Index n = static_cast<Index>(src.extent(0)), w = static_cast<Index>(src.extent(1));
   if (n == 0 || w == 0) return;
   Kokkos::parallel_for(
-      "kmoe::comm::scatter_rows", Kokkos::RangePolicy<Kokkos::DefaultExecutionSpace, Kokkos::IndexType<Index>>(0, n * w),
-      KOKKOS_LAMBDA(const Index ic) {
-        const Index i = ic / w, c = ic % w;
-        dst(index(i), c) = src(i, c);
-      });
+      "kmoe::comm::scatter_rows", Rows2D({0, 0}, {n, w}),
+      KOKKOS_LAMBDA(const Index i, const Index c) { dst(index(i), c) = src(i, c); });
 }
 
 template <class RowView>
