@@ -137,6 +137,33 @@ TEST(FinetuneCli, LossesAgreeAcrossRankCountsFallAndResumeContinuesTheCurve) {
   }
 }
 
+// --data: the oracle's recorded block inputs and transformers' outputs. Starting from the checkpoint itself, the loss
+// is the squared difference between kmoe's MoE block and transformers' one: tiny.
+TEST(FinetuneCli, RecordedDataStartsAtTransformersOutputs) {
+  kmoe::test::ScratchDir tmp("finetune-data");
+  for (const char* set : {"mixtral-tiny", "granitemoeshared-tiny"}) {
+    const fs::path data = kmoe::test::testdata_dir() / set / (std::string(set) + "-ref.safetensors");
+    for (int np : {1, 2}) {
+      SCOPED_TRACE(std::string(set) + " np " + std::to_string(np));
+      const fs::path run = tmp.path() / (std::string(set) + std::to_string(np));
+      auto r = mpirun_kmoe(np, "finetune --checkpoint " + hf_dir(set).string() + " --data " + data.string() +
+                                   " --steps 2 --precision f64 --no-convert --out " + run.string());
+      ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+      const auto l = losses(r.out);
+      ASSERT_EQ(l.size(), 2u) << r.out;
+      EXPECT_LT(l.at(1), 1e-15) << r.out;  // mean squared error per element (measured: ~1e-20)
+    }
+  }
+  // A data file without the layers' tensors: exit 1 naming the tensor.
+  auto r = run_kmoe("finetune --checkpoint " + hf_dir("mixtral-tiny").string() + " --data " +
+                    (kmoe::test::testdata_dir() / "mixtral-tiny" / "hf_save_pretrained" /
+                     "model-00001-of-00006.safetensors")
+                        .string() +
+                    " --steps 1 --out " + (tmp.path() / "bad").string());
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("layers.0.x"), std::string::npos) << r.err;
+}
+
 TEST(FinetuneCli, BadInputAndUsage) {
   kmoe::test::ScratchDir tmp("finetune-bad");
   // Resuming a run of another model: a spec mismatch (exit 1, one line naming it).

@@ -61,7 +61,9 @@ MoeWeights<T, ExecSpace> perturbed_copy(const MoeWeights<T, ExecSpace>& w, std::
   auto perturb = [&](auto& v, std::int64_t first_row) {
     using V = std::decay_t<decltype(v)>;
     V copy(std::string(v.label()) + "_teacher", v.layout());
-    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+    Kokkos::deep_copy(copy, v);
+    // On a host space the mirror is `copy` itself; either way `v` is never written.
+    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), copy);
     const std::int64_t row = v.extent(0) == 0 ? 0 : static_cast<std::int64_t>(v.span() / v.extent(0));
     const std::uint64_t stream = mix64(0x2000000ull + static_cast<std::uint64_t>(layer) * 16 + part++);
     for (std::size_t i = 0; i < v.span(); ++i)
