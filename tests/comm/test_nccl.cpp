@@ -92,6 +92,17 @@ TEST(Nccl, CollectivesOnDevicePointers) {
   comm->barrier();
 }
 
+// A free function: nvcc accepts device lambdas only in functions whose address can be taken (not TestBody).
+template <class IdxView, class RowView>
+void fill_routing(const IdxView& topk, const RowView& x) {
+  Kokkos::parallel_for(
+      "init", Kokkos::RangePolicy<Kokkos::DefaultExecutionSpace>(0, topk.extent(0)), KOKKOS_LAMBDA(const std::int64_t t) {
+        topk(t, 0) = (3 * t) % 5;
+        topk(t, 1) = (3 * t + 1 + t % 4) % 5;
+        for (int c = 0; c < 7; ++c) x(t, c) = 10.0 * t + c;
+      });
+}
+
 TEST(Nccl, DispatchCombineRoundTripOnDeviceViews) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   using Mem = Kokkos::DefaultExecutionSpace::memory_space;
@@ -102,12 +113,7 @@ TEST(Nccl, DispatchCombineRoundTripOnDeviceViews) {
   const std::int64_t tokens = 29 + world->rank();
   Kokkos::View<std::int64_t**, Kokkos::LayoutRight, Mem> topk("topk", tokens, 2);
   Kokkos::View<double**, Kokkos::LayoutRight, Mem> x("x", tokens, 7);
-  Kokkos::parallel_for(
-      "init", Kokkos::RangePolicy<Kokkos::DefaultExecutionSpace>(0, tokens), KOKKOS_LAMBDA(const std::int64_t t) {
-        topk(t, 0) = (3 * t) % 5;
-        topk(t, 1) = (3 * t + 1 + t % 4) % 5;
-        for (int c = 0; c < 7; ++c) x(t, c) = 10.0 * t + c;
-      });
+  fill_routing(topk, x);
   const comm::DispatchHandle h(layout, topk);
   const auto rows = comm::dispatch_forward(h, x);
   const auto back = comm::combine_forward(h, rows);

@@ -60,6 +60,33 @@ class GradientSet {
   std::vector<Entry> entries_;
 };
 
+namespace detail {
+// Named functions, not lambdas inside the std::function closures: nvcc rejects a device lambda whose enclosing
+// function is itself a lambda.
+template <class Exec, class Flat>
+double sum_of_squares(const Flat& flat) {
+  double s = 0;
+  Kokkos::parallel_reduce(
+      "kmoe::comm::grad_sum_of_squares", Kokkos::RangePolicy<Exec>(0, flat.extent(0)),
+      KOKKOS_LAMBDA(const std::size_t i, double& acc) {
+        const double v = static_cast<double>(flat(i));
+        acc += v * v;
+      },
+      s);
+  return s;
+}
+
+template <class Exec, class Flat>
+void scale(const Flat& flat, double f) {
+  using T = typename Flat::non_const_value_type;
+  const T tf = static_cast<T>(f);
+  Kokkos::parallel_for(
+      "kmoe::comm::grad_scale", Kokkos::RangePolicy<Exec>(0, flat.extent(0)),
+      KOKKOS_LAMBDA(const std::size_t i) { flat(i) = flat(i) * tf; });
+  Kokkos::fence();
+}
+}  // namespace detail
+
 template <class V>
 void GradientSet::add(const std::string& name, const V& grad, GradKind kind) {
   using T = typename V::non_const_value_type;
@@ -75,26 +102,8 @@ void GradientSet::add(const std::string& name, const V& grad, GradKind kind) {
     c.allreduce_sum(flat.data(), static_cast<std::int64_t>(flat.extent(0)), data_type_v<T>);
     c.synchronize();
   };
-  e.sum_of_squares = [grad, flat]() {
-    double s = 0;
-    using Exec = typename V::execution_space;
-    Kokkos::parallel_reduce(
-        "kmoe::comm::grad_sum_of_squares", Kokkos::RangePolicy<Exec>(0, flat.extent(0)),
-        KOKKOS_LAMBDA(const std::size_t i, double& acc) {
-          const double v = static_cast<double>(flat(i));
-          acc += v * v;
-        },
-        s);
-    return s;
-  };
-  e.scale = [grad, flat](double f) {
-    using Exec = typename V::execution_space;
-    const T tf = static_cast<T>(f);
-    Kokkos::parallel_for(
-        "kmoe::comm::grad_scale", Kokkos::RangePolicy<Exec>(0, flat.extent(0)),
-        KOKKOS_LAMBDA(const std::size_t i) { flat(i) = flat(i) * tf; });
-    Kokkos::fence();
-  };
+  e.sum_of_squares = [grad, flat]() { return detail::sum_of_squares<typename V::execution_space>(flat); };
+  e.scale = [grad, flat](double f) { detail::scale<typename V::execution_space>(flat, f); };
   entries_.push_back(std::move(e));
 }
 
