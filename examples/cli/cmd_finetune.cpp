@@ -9,6 +9,9 @@
 #include <kmoe/comm/expert_parallel.hpp>
 #include <kmoe/comm/gradients.hpp>
 #include <kmoe/comm/mpi_communicator.hpp>
+#if KMOE_ENABLE_NCCL
+#include <kmoe/comm/nccl_communicator.hpp>
+#endif
 #include <kmoe/core/progress.hpp>
 #include <kmoe/io/checkpoint.hpp>
 #include <kmoe/io/hdf5_checkpoint.hpp>
@@ -23,6 +26,7 @@
 #include <iostream>
 #include <memory>
 #include <sstream>
+#include <type_traits>
 
 namespace kmoe::cli {
 namespace {
@@ -409,15 +413,23 @@ void train(const Settings& s, comm::Communicator& world) {
 
 template <class T>
 void train_on_backend(const Settings& s, comm::Communicator& world, const std::string& backend) {
+#ifdef KOKKOS_ENABLE_CUDA
+  // GPU ranks exchange device buffers: NCCL for the expert-parallel collectives (not exercised by the CPU tests).
+  if (backend == "cuda" || (backend.empty() && std::is_same_v<Kokkos::DefaultExecutionSpace, Kokkos::Cuda>)) {
+#if KMOE_ENABLE_NCCL
+    auto nccl = comm::NcclCommunicator::world();
+    return train<T, Kokkos::Cuda>(s, *nccl);
+#else
+    throw UsageError("kmoe finetune: --backend cuda needs kmoe built with KMOE_ENABLE_NCCL=ON");
+#endif
+  }
+#endif
   if (backend.empty()) return train<T, Kokkos::DefaultExecutionSpace>(s, world);
 #ifdef KOKKOS_ENABLE_SERIAL
   if (backend == "serial") return train<T, Kokkos::Serial>(s, world);
 #endif
 #ifdef KOKKOS_ENABLE_OPENMP
   if (backend == "openmp") return train<T, Kokkos::OpenMP>(s, world);
-#endif
-#ifdef KOKKOS_ENABLE_CUDA
-  if (backend == "cuda") return train<T, Kokkos::Cuda>(s, world);
 #endif
   throw UsageError("kmoe finetune: --backend " + backend + " is not enabled in this build's Kokkos");
 }
