@@ -21,11 +21,14 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     -DKMOE_ENABLE_HDF5=OFF -DKMOE_ENABLE_EXAMPLES=OFF -DCMAKE_FIND_PACKAGE_TARGETS_GLOBAL=ON
 fi
 cmake --build "$build" -j "${KMOE_JOBS:-2}" ${KMOE_TARGETS:+--target $KMOE_TARGETS}
+# Libraries of this machine that the device image lacks (Debian's Google Benchmark): next to the binaries.
+mkdir -p "$build/carry-lib"
+cp -L /usr/lib/x86_64-linux-gnu/libbenchmark.so.1debian "$build/carry-lib/"
 mkdir -p "$repo/.carry/shared"
 rm -rf "$repo/.carry/shared/testdata"
 cp -a "$src/../shared/testdata" "$repo/.carry/shared/testdata"
 (cd "$(dirname "$build")" && tar czf "$repo/.carry/kmoe-gpu-build.tgz" \
-  "$(basename "$build")/bin" "$(basename "$build")/test-scratch" \
+  "$(basename "$build")/bin" "$(basename "$build")/test-scratch" "$(basename "$build")/carry-lib" \
   $(cd "$(dirname "$build")" && find "$(basename "$build")" -name CTestTestfile.cmake))
 {
   echo "commit: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src/cuda src/include/kmoe/core/cuda tests/src/cuda perf/device || echo '+local changes')"

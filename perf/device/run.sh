@@ -9,7 +9,7 @@ set -uo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-/tmp/kmoe-out}
 mkdir -p "$out"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$repo/build-gpu/carry-lib:${LD_LIBRARY_PATH:-}
 export PATH=/usr/local/cuda/bin:$PATH
 cd "$repo"
 declare -a rows
@@ -41,23 +41,25 @@ for p in /work/main /work/gpu-src; do [ -e "$p" ] || ln -s "$repo" "$p"; done
 ls -la /work
 
 echo "== tests"
-stage ctest_cuda ctest --test-dir build-gpu -L cuda --output-on-failure --timeout 300
-stage ctest_other ctest --test-dir build-gpu -LE cuda --output-on-failure --timeout 300
+stage ctest_cuda ctest --test-dir build-gpu -L cuda -V --timeout 300
 
 if [ "${1:-}" != quick ]; then
   echo "== benchmarks"
   for b in build-gpu/bin/bench_cuda_*; do
     [ -x "$b" ] || continue
-    stage "$(basename "$b")" "$b" --benchmark_min_time=0.2 --benchmark_counters_tabular=true \
+    stage "$(basename "$b")" "$b" --benchmark_counters_tabular=true \
       --benchmark_out="$out/$(basename "$b").json" --benchmark_out_format=json
   done
   if [ -x build-gpu/bin/kmoe ]; then
-    stage kmoe_block_cuda build-gpu/bin/kmoe block tests/data/granitemoe-tiny --backend cuda --precision bf16
+    t=.carry/shared/testdata/mixtral-tiny
+    stage kmoe_block_cuda build-gpu/bin/kmoe block --checkpoint $t/hf_save_pretrained --layer 0 --inputs $t/mixtral-tiny-ref.safetensors --out $out/block_cuda.safetensors --backend cuda --precision bf16
   fi
 fi
 
 echo "== summary"
+grep -h -E "^[0-9]+: (T=|mixtral|granite)" "$out"/ctest_cuda.log | sed 's/^[0-9]*: //' | cut -c1-200
+grep -h -E "^(moe_|up_proj)" "$out"/bench_cuda_*.log 2>/dev/null | awk '{printf "%-52s %10s %s  %s\n", $1, $2, $3, $NF}'
+grep -h -E "tests passed|tests failed|^device:" "$out"/ctest_cuda.log | sort -u
 printf '%-28s %-14s %s\n' stage result time
 for r in "${rows[@]}"; do IFS='|' read -r a b c <<< "$r"; printf '%-28s %-14s %s\n' "$a" "$b" "$c"; done
-grep -h -E "^\[  (PASSED|FAILED|SKIPPED) |tests passed|Skipped|^device:" "$out"/ctest_*.log | sort | uniq -c | head -20
 exit $fails

@@ -1,6 +1,5 @@
 // Device queries and the smallest kernel of kmoe (the device script's first check that kmoe's .cu code runs).
-#include <kmoe/core/cuda/check.hpp>
-#include <kmoe/core/cuda/kernels.hpp>
+#include "common.cuh"
 
 #include <string>
 
@@ -30,7 +29,24 @@ __global__ void axpy_kernel(float a, const float* __restrict__ x, float* __restr
        i += std::int64_t(gridDim.x) * blockDim.x)
     y[i] += a * x[i];
 }
+__global__ void fill_random_bf16_kernel(bf16_t* out, std::int64_t n, float scale, std::uint64_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    std::uint64_t z = seed * 0x9E3779B97F4A7C15ull + std::uint64_t(i);  // splitmix64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = float(z >> 40) * (1.f / 16777216.f);  // [0,1)
+    out[i] = detail::float_to_bf16((2.f * u - 1.f) * 1.7320508f * scale);  // uniform, variance scale^2
+  }
+}
 }  // namespace
+
+void fill_random_bf16(bf16_t* out, std::int64_t n, float scale, std::uint64_t seed, cudaStream_t stream) {
+  if (n <= 0) return;
+  fill_random_bf16_kernel<<<detail::grid_for(n, 256, 65536), 256, 0, stream>>>(out, n, scale, seed);
+  KMOE_CUDA_CHECK_LAUNCH("fill_random_bf16_kernel");
+}
 
 void axpy(float a, const float* x, float* y, std::int64_t n, cudaStream_t stream) {
   if (n <= 0) return;

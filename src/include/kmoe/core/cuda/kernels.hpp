@@ -35,6 +35,10 @@ std::string device_description();
 /// y[i] += a * x[i]: the device script's first check that kmoe's own .cu code runs.
 void axpy(float a, const float* x, float* y, std::int64_t n, cudaStream_t stream);
 
+/// Fills n bf16 values with uniform random numbers of standard deviation `scale` (counter-based hash of (seed, i)):
+/// benchmark and test inputs made on the device (never zeros, which hide unwritten outputs and time differently).
+void fill_random_bf16(bf16_t* out, std::int64_t n, float scale, std::uint64_t seed, cudaStream_t stream);
+
 // ---- routing ----------------------------------------------------------------------------------------------------
 
 /// Fused softmax -> top-k -> renormalise, one warp per token (E <= 256, k <= min(E, 32)).
@@ -173,14 +177,18 @@ enum class MoePath { Scattered, Padded };
 struct MoeShape {
   std::int64_t tokens = 0;
   int hidden = 0, ffn = 0, experts = 0, k = 0;
+  int shared_ffn = 0;  ///< S of the shared expert (GraniteMoeShared); 0 = none
 };
 
-/// The block's parameters (bf16): router G [E,H], W1/W3 [E,F,H], W2 [E,H,F].
+/// The block's parameters (bf16): router G [E,H], W1/W3 [E,F,H], W2 [E,H,F]; shared expert Ws1/Ws3 [S,H], Ws2 [H,S].
 struct MoeWeights {
   const bf16_t* gate = nullptr;
   const bf16_t* w1 = nullptr;
   const bf16_t* w3 = nullptr;
   const bf16_t* w2 = nullptr;
+  const bf16_t* shared_w1 = nullptr;
+  const bf16_t* shared_w3 = nullptr;
+  const bf16_t* shared_w2 = nullptr;
 };
 
 /// What the forward keeps for the backward, and the plan; carved from one workspace buffer.
@@ -196,6 +204,8 @@ struct MoeSaved {
   bf16_t* act = nullptr;          ///< [R,F]
   bf16_t* out = nullptr;          ///< [R,H] unweighted expert outputs (pair order when scattered)
   bf16_t* xg = nullptr;           ///< [R,H] padded gathered x (padded path only)
+  bf16_t* shared_h13 = nullptr;   ///< [T,2S] shared expert pre-activations (S > 0 only)
+  bf16_t* shared_act = nullptr;   ///< [T,S]
   void* scratch = nullptr;        ///< backward scratch
   std::size_t scratch_bytes = 0;
 };
@@ -205,11 +215,22 @@ std::size_t moe_workspace_bytes(const MoeShape& shape, MoePath path);
 /// Lays out a MoeSaved in `workspace` (moe_workspace_bytes long). Does not touch the device.
 MoeSaved moe_carve(void* workspace, const MoeShape& shape, MoePath path);
 
-/// y [T,H] bf16 = sum_s w_s * W2_e (silu(W1_e x) * W3_e x) with top-k softmax routing. Enqueued on stream.
+/// y [T,H] bf16 = sum_s w_s * W2_e (silu(W1_e x) * W3_e x) [+ Ws2 (silu(Ws1 x) * Ws3 x)] with top-k softmax
+/// routing. Enqueued on stream.
 void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& saved, bf16_t* y, cudaStream_t stream);
 
-/// Gradients of L = <y, dy>: dx [T,H] fp32, d_gate [E,H], dW1/dW3 [E,F,H], dW2 [E,H,F] fp32 (all overwritten).
-void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& saved, const bf16_t* dy, float* dx,
-                  float* d_gate, float* dw1, float* dw3, float* dw2, cudaStream_t stream);
+/// Gradients of L = <y, dy> (fp32, all overwritten).
+struct MoeGrads {
+  float* dx = nullptr;      ///< [T,H]
+  float* d_gate = nullptr;  ///< [E,H]
+  float* dw1 = nullptr;     ///< [E,F,H]
+  float* dw3 = nullptr;     ///< [E,F,H]
+  float* dw2 = nullptr;     ///< [E,H,F]
+  float* d_shared_w1 = nullptr;  ///< [S,H] (S > 0 only)
+  float* d_shared_w3 = nullptr;  ///< [S,H]
+  float* d_shared_w2 = nullptr;  ///< [H,S]
+};
+void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& saved, const bf16_t* dy, const MoeGrads& g,
+                  cudaStream_t stream);
 
 }  // namespace kmoe::core::cuda

@@ -1,0 +1,326 @@
+// The MoE block on the GPU, forward and backward, in two layouts (ScatterMoE scattered rows, MegaBlocks padded
+// blocks), composed from the kernels of this folder. Everything is enqueued on one stream; no step waits for the host.
+#include "common.cuh"
+
+namespace kmoe::core::cuda {
+
+namespace {
+
+std::size_t align256(std::size_t b) { return (b + 255) / 256 * 256; }
+
+struct Sizes {
+  std::int64_t pairs, rows;  // rows = P (scattered) or the padded capacity
+};
+
+Sizes sizes_of(const MoeShape& s, MoePath path) {
+  const std::int64_t pairs = s.tokens * s.k;
+  const std::int64_t rows =
+      path == MoePath::Padded ? pairs + std::int64_t(s.experts) * (kGemmTileRows - 1) : pairs;
+  return {pairs, rows};
+}
+
+/// Backward scratch: do [R,H], d_act [R,F], dh13 [R,2F], dx_rows [R,H] (bf16), d_w [P] and d_logits [T,E] fp32,
+/// routing workspace.
+std::size_t scratch_bytes(const MoeShape& s, MoePath path) {
+  const Sizes z = sizes_of(s, path);
+  const std::size_t b = sizeof(bf16_t);
+  return align256(b * z.rows * s.hidden) + align256(b * z.rows * s.ffn) + align256(b * z.rows * 2 * s.ffn) +
+         align256(b * z.rows * s.hidden) + align256(sizeof(float) * z.pairs) +
+         align256(sizeof(float) * s.tokens * s.experts) + align256(routing_backward_workspace_bytes(s.tokens, s.experts)) +
+         align256(b * s.tokens * 3 * std::int64_t(s.shared_ffn));  // shared expert: d_act [T,S], dh13 [T,2S]
+}
+
+void check_shape(const MoeShape& s) {
+  constexpr const char* fn = "kmoe::core::cuda::moe";
+  KMOE_CHECK_INPUT(s.tokens >= 0 && s.hidden > 0 && s.ffn > 0 && s.experts > 0, fn, ": shape T=", s.tokens,
+                   " H=", s.hidden, " F=", s.ffn, " E=", s.experts);
+  KMOE_CHECK_INPUT(s.hidden % 8 == 0 && s.ffn % 8 == 0 && s.shared_ffn % 8 == 0 && s.shared_ffn >= 0, fn,
+                   ": hidden ", s.hidden, ", ffn ", s.ffn, " and shared ffn ", s.shared_ffn,
+                   " must be multiples of 8 (16-byte rows)");
+  KMOE_CHECK_INPUT(s.k >= 1 && s.k <= s.experts && s.k <= 32, fn, ": top_k = ", s.k, " outside [1, min(",
+                   s.experts, ", 32)]");
+}
+
+/// The shared expert (one dense SwiGLU MLP over all tokens): y = Ws2 (silu(Ws1 x) * Ws3 x), written (not added).
+void shared_forward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, bf16_t* y, cudaStream_t stream) {
+  const MoeShape& s = m.shape;
+  const std::int64_t S = s.shared_ffn;
+  GroupedGemmArgs up;
+  up.rows = s.tokens;
+  up.n = 2 * S;
+  up.k = s.hidden;
+  up.a = x;
+  up.lda = s.hidden;
+  up.b_trans = true;
+  up.b0 = w.shared_w1;
+  up.b1 = w.shared_w3;
+  up.b_split = S;
+  up.c_bf16 = m.shared_h13;
+  up.ldc = 2 * S;
+  grouped_gemm(up, stream);
+  swiglu_forward(m.shared_h13, s.tokens, S, m.shared_act, stream);
+  GroupedGemmArgs down;
+  down.rows = s.tokens;
+  down.n = s.hidden;
+  down.k = S;
+  down.a = m.shared_act;
+  down.lda = S;
+  down.b_trans = true;
+  down.b0 = w.shared_w2;
+  down.c_bf16 = y;
+  down.ldc = s.hidden;
+  grouped_gemm(down, stream);
+}
+
+/// Backward of shared_forward: dx += ..., d_shared_w* overwritten. scratch: [T,3S] bf16.
+void shared_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const bf16_t* dy, const MoeGrads& g,
+                     bf16_t* scratch, cudaStream_t stream) {
+  const MoeShape& s = m.shape;
+  const std::int64_t S = s.shared_ffn;
+  bf16_t* d_act = scratch;
+  bf16_t* dh13 = scratch + s.tokens * S;
+  GroupedGemmArgs a;
+  a.rows = s.tokens;
+  a.n = S;
+  a.k = s.hidden;
+  a.a = dy;
+  a.lda = s.hidden;
+  a.b_trans = false;
+  a.b0 = w.shared_w2;  // [H,S] = [K,N]
+  a.c_bf16 = d_act;
+  a.ldc = S;
+  grouped_gemm(a, stream);
+  swiglu_backward(m.shared_h13, d_act, s.tokens, S, dh13, stream);
+  GroupedGemmArgs b;
+  b.rows = s.tokens;
+  b.n = s.hidden;
+  b.k = 2 * S;
+  b.a = dh13;
+  b.lda = 2 * S;
+  b.b_trans = false;
+  b.b0 = w.shared_w1;
+  b.b1 = w.shared_w3;
+  b.b_split = S;
+  b.c_f32 = g.dx;
+  b.ldc = s.hidden;
+  b.accumulate = true;
+  grouped_gemm(b, stream);
+  GroupedGemmTNArgs t;
+  t.rows = s.tokens;
+  t.m = 2 * S;
+  t.n = s.hidden;
+  t.a = dh13;
+  t.lda = 2 * S;
+  t.b = x;
+  t.ldb = s.hidden;
+  t.c0 = g.d_shared_w1;
+  t.c1 = g.d_shared_w3;
+  t.c_split = S;
+  grouped_gemm_tn(t, stream);
+  GroupedGemmTNArgs t2;
+  t2.rows = s.tokens;
+  t2.m = s.hidden;
+  t2.n = S;
+  t2.a = dy;
+  t2.lda = s.hidden;
+  t2.b = m.shared_act;
+  t2.ldb = S;
+  t2.c0 = g.d_shared_w2;
+  grouped_gemm_tn(t2, stream);
+}
+
+}  // namespace
+
+std::size_t moe_workspace_bytes(const MoeShape& s, MoePath path) {
+  check_shape(s);
+  const Sizes z = sizes_of(s, path);
+  const std::size_t f4 = sizeof(float), b = sizeof(bf16_t);
+  std::size_t total = align256(dispatch_plan_bytes(s.tokens, s.experts, s.k));
+  total += 2 * align256(f4 * s.tokens * s.experts);                       // logits, probs
+  total += align256(sizeof(std::int64_t) * z.pairs) + align256(f4 * z.pairs);  // topk_idx, topk_weight
+  total += align256(b * z.rows * 2 * s.ffn) + align256(b * z.rows * s.ffn) + align256(b * z.rows * s.hidden);
+  if (path == MoePath::Padded) total += align256(b * z.rows * s.hidden);  // xg
+  total += align256(b * s.tokens * 3 * std::int64_t(s.shared_ffn));      // shared h13, act
+  return total + scratch_bytes(s, path);
+}
+
+MoeSaved moe_carve(void* workspace, const MoeShape& s, MoePath path) {
+  check_shape(s);
+  KMOE_CHECK_INPUT(detail::aligned16(workspace), "kmoe::core::cuda::moe_carve: workspace is not aligned");
+  const Sizes z = sizes_of(s, path);
+  auto* at = static_cast<unsigned char*>(workspace);
+  auto take = [&](std::size_t bytes) {
+    void* p = at;
+    at += align256(bytes);
+    return p;
+  };
+  MoeSaved m;
+  m.shape = s;
+  m.path = path;
+  m.plan = dispatch_plan_carve(take(dispatch_plan_bytes(s.tokens, s.experts, s.k)), s.tokens, s.experts, s.k);
+  m.logits = static_cast<float*>(take(sizeof(float) * s.tokens * s.experts));
+  m.probs = static_cast<float*>(take(sizeof(float) * s.tokens * s.experts));
+  m.topk_idx = static_cast<std::int64_t*>(take(sizeof(std::int64_t) * z.pairs));
+  m.topk_weight = static_cast<float*>(take(sizeof(float) * z.pairs));
+  m.h13 = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * 2 * s.ffn));
+  m.act = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.ffn));
+  m.out = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.hidden));
+  if (path == MoePath::Padded) m.xg = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.hidden));
+  if (s.shared_ffn > 0) {
+    m.shared_h13 = static_cast<bf16_t*>(take(sizeof(bf16_t) * s.tokens * 3 * std::int64_t(s.shared_ffn)));
+    m.shared_act = m.shared_h13 + s.tokens * 2 * std::int64_t(s.shared_ffn);
+  }
+  m.scratch_bytes = scratch_bytes(s, path);
+  m.scratch = take(m.scratch_bytes);
+  return m;
+}
+
+void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, cudaStream_t stream) {
+  const MoeShape& s = m.shape;
+  const Sizes z = sizes_of(s, m.path);
+  const DispatchPlan& plan = m.plan;
+  routing_forward(x, w.gate, s.tokens, s.hidden, s.experts, s.k, m.logits, m.probs, m.topk_idx, m.topk_weight, stream);
+  if (s.tokens == 0) return;
+  dispatch_plan_build(m.topk_idx, plan, stream);
+  const bool padded = m.path == MoePath::Padded;
+  if (padded) gather_rows(x, s.hidden, plan.padded_pair, s.k, nullptr, m.xg, z.rows, stream);
+
+  // h13 = rows · [W1;W3]ᵀ per expert: scattered reads x's token rows through the plan, padded reads the blocks.
+  GroupedGemmArgs up;
+  up.groups = s.experts;
+  up.rows = z.rows;
+  up.n = 2 * std::int64_t(s.ffn);
+  up.k = s.hidden;
+  up.offsets = padded ? plan.padded_offsets : plan.offsets;
+  up.tile_offsets = padded ? plan.padded_tile_offsets : plan.tile_offsets;
+  up.a = padded ? m.xg : x;
+  up.lda = s.hidden;
+  up.a_index = padded ? nullptr : plan.sorted_pair;
+  up.a_div = s.k;
+  up.b_trans = true;
+  up.b0 = w.w1;
+  up.b1 = w.w3;
+  up.b_split = s.ffn;
+  up.c_bf16 = m.h13;
+  up.ldc = 2 * std::int64_t(s.ffn);
+  grouped_gemm(up, stream);
+  swiglu_forward(m.h13, z.rows, s.ffn, m.act, stream);
+
+  // out = act · W2ᵀ: scattered writes each row back to its pair's place (pair order), padded keeps block order.
+  GroupedGemmArgs down = up;
+  down.n = s.hidden;
+  down.k = s.ffn;
+  down.a = m.act;
+  down.lda = s.ffn;
+  down.a_index = nullptr;
+  down.b0 = w.w2;
+  down.b1 = nullptr;
+  down.b_split = 0;
+  down.c_bf16 = m.out;
+  down.ldc = s.hidden;
+  down.c_index = padded ? nullptr : plan.sorted_pair;
+  grouped_gemm(down, stream);
+
+  // The shared expert writes y first; the routed experts' combine adds to it.
+  if (s.shared_ffn > 0) shared_forward(x, w, m, y, stream);
+  combine_rows(m.out, s.hidden, padded ? plan.pair_padded_row : nullptr, m.topk_weight, s.tokens, s.k, y, nullptr,
+               s.shared_ffn > 0, stream);
+}
+
+void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const bf16_t* dy, const MoeGrads& grads,
+                  cudaStream_t stream) {
+  float *dx = grads.dx, *d_gate = grads.d_gate, *dw1 = grads.dw1, *dw3 = grads.dw3, *dw2 = grads.dw2;
+  const MoeShape& s = m.shape;
+  const Sizes z = sizes_of(s, m.path);
+  const DispatchPlan& plan = m.plan;
+  const bool padded = m.path == MoePath::Padded;
+  if (s.tokens == 0) {
+    KMOE_CUDA_CHECK(cudaMemsetAsync(d_gate, 0, sizeof(float) * s.experts * s.hidden, stream));
+    for (float* g : {dw1, dw3, dw2})
+      KMOE_CUDA_CHECK(cudaMemsetAsync(g, 0, sizeof(float) * s.experts * s.ffn * s.hidden, stream));
+    return;
+  }
+  auto* at = static_cast<unsigned char*>(m.scratch);
+  auto take = [&](std::size_t bytes) {
+    void* p = at;
+    at += align256(bytes);
+    return p;
+  };
+  auto* d_out = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.hidden));
+  auto* d_act = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.ffn));
+  auto* dh13 = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * 2 * s.ffn));
+  auto* dx_rows = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.hidden));
+  auto* d_w = static_cast<float*>(take(sizeof(float) * z.pairs));
+  auto* d_logits = static_cast<float*>(take(sizeof(float) * s.tokens * s.experts));
+  void* route_work = take(routing_backward_workspace_bytes(s.tokens, s.experts));
+  auto* shared_scratch = static_cast<bf16_t*>(take(sizeof(bf16_t) * s.tokens * 3 * std::int64_t(s.shared_ffn)));
+
+  const std::int64_t* out_row = padded ? plan.pair_padded_row : nullptr;  // pair -> row of m.out
+  // y = sum_s w_s out_s: d w_s = <dy, out_s>; d out_s = w_s dy, laid out like the expert rows (sorted or padded).
+  pair_dot(dy, m.out, s.hidden, out_row, s.tokens, s.k, d_w, stream);
+  gather_rows(dy, s.hidden, padded ? plan.padded_pair : plan.sorted_pair, s.k, m.topk_weight, d_out, z.rows, stream);
+
+  GroupedGemmArgs g;
+  g.groups = s.experts;
+  g.rows = z.rows;
+  g.offsets = padded ? plan.padded_offsets : plan.offsets;
+  g.tile_offsets = padded ? plan.padded_tile_offsets : plan.tile_offsets;
+  g.b_trans = false;
+  // d_act = d_out · W2 ([R,H]·[H,F])
+  g.n = s.ffn;
+  g.k = s.hidden;
+  g.a = d_out;
+  g.lda = s.hidden;
+  g.b0 = w.w2;
+  g.c_bf16 = d_act;
+  g.ldc = s.ffn;
+  grouped_gemm(g, stream);
+  swiglu_backward(m.h13, d_act, z.rows, s.ffn, dh13, stream);
+  // dx_rows = dh13 · [W1;W3] ([R,2F]·[2F,H]); scattered rows go back to pair order
+  g.n = s.hidden;
+  g.k = 2 * std::int64_t(s.ffn);
+  g.a = dh13;
+  g.lda = 2 * std::int64_t(s.ffn);
+  g.b0 = w.w1;
+  g.b1 = w.w3;
+  g.b_split = s.ffn;
+  g.c_bf16 = dx_rows;
+  g.ldc = s.hidden;
+  g.c_index = padded ? nullptr : plan.sorted_pair;
+  grouped_gemm(g, stream);
+  combine_rows(dx_rows, s.hidden, out_row, nullptr, s.tokens, s.k, nullptr, dx, false, stream);
+
+  // Weight gradients: d[W1;W3]_e = dh13_eᵀ · x_e, dW2_e = d_out_eᵀ · act_e.
+  GroupedGemmTNArgs t;
+  t.groups = s.experts;
+  t.offsets = g.offsets;
+  t.m = 2 * std::int64_t(s.ffn);
+  t.n = s.hidden;
+  t.a = dh13;
+  t.lda = 2 * std::int64_t(s.ffn);
+  t.b = padded ? m.xg : x;
+  t.ldb = s.hidden;
+  t.b_index = padded ? nullptr : plan.sorted_pair;
+  t.b_div = s.k;
+  t.c0 = dw1;
+  t.c1 = dw3;
+  t.c_split = s.ffn;
+  grouped_gemm_tn(t, stream);
+  GroupedGemmTNArgs t2;
+  t2.groups = s.experts;
+  t2.offsets = g.offsets;
+  t2.m = s.hidden;
+  t2.n = s.ffn;
+  t2.a = d_out;
+  t2.lda = s.hidden;
+  t2.b = m.act;
+  t2.ldb = s.ffn;
+  t2.c0 = dw2;
+  grouped_gemm_tn(t2, stream);
+
+  if (s.shared_ffn > 0) shared_backward(x, w, m, dy, grads, shared_scratch, stream);
+  routing_backward(x, w.gate, m.probs, m.topk_idx, m.topk_weight, d_w, s.tokens, s.hidden, s.experts, s.k, d_logits,
+                   d_gate, dx, route_work, stream);
+}
+
+}  // namespace kmoe::core::cuda
