@@ -600,7 +600,11 @@ bool is_hdf5_checkpoint(const fs::path& dir) {
   const fs::path m = dir / kManifestName;
   std::error_code ec;
   if (!fs::is_regular_file(m, ec)) return false;
+#if H5_VERSION_GE(1, 12, 0)
+  const htri_t is = H5Fis_accessible(m.c_str(), H5P_DEFAULT);
+#else
   const htri_t is = H5Fis_hdf5(m.c_str());
+#endif
   H5Eclear2(H5E_DEFAULT);
   return is > 0;
 }

@@ -164,6 +164,22 @@ TEST(Hdf5Checkpoint, CorruptDataIsReported) {
   EXPECT_EQ(ck.read("counters").size(), 24u);
 }
 
+// A damaged superblock (same size, so the manifest's size check passes): HDF5's own error, naming the file.
+TEST(Hdf5Checkpoint, CorruptShardHeaderIsReported) {
+  kmoe::test::ScratchDir tmp("hdf5-corrupt-header");
+  const fs::path dir = tmp.path() / "checkpoint-1";
+  save_one_process(dir, 1);
+  const fs::path shard = dir / "rank-00000-of-00001.h5";
+  {
+    std::fstream f(shard, std::ios::binary | std::ios::in | std::ios::out);
+    const std::string zeros(48, '\0');
+    f.write(zeros.data(), static_cast<std::streamsize>(zeros.size()));
+  }
+  const std::string msg = error_of([&] { Hdf5Checkpoint::open(dir); });
+  EXPECT_NE(msg.find("rank-00000-of-00001.h5: HDF5 call H5Fopen"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << "one line: " << msg;
+}
+
 TEST(Hdf5Checkpoint, NotACheckpointIsReported) {
   kmoe::test::ScratchDir tmp("hdf5-garbage");
   const fs::path dir = tmp.path() / "checkpoint-1";
