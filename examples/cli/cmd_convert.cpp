@@ -38,7 +38,7 @@ int run(int argc, char** argv, const std::vector<std::string>& rest) {
             << checkpoint.saved_world_size() << " rank" << (checkpoint.saved_world_size() == 1 ? "" : "s") << ")\n";
   return 0;
 #else
-  throw UsageError("kmoe convert: this kmoe was built without HDF5 (KMOE_ENABLE_HDF5=OFF)");
+  throw UsageError("this kmoe was built without HDF5 (KMOE_ENABLE_HDF5=OFF)");
 #endif
 }
 

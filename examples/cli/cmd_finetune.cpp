@@ -221,7 +221,7 @@ class Trainer {
 
   void run() {
     const bool root = world_.rank() == 0;
-    KMOE_CHECK_USAGE(s_.steps >= start_step_, "kmoe finetune: --steps ", s_.steps, " is below the resumed step ",
+    KMOE_CHECK_USAGE(s_.steps >= start_step_, "--steps ", s_.steps, " is below the resumed step ",
                      start_step_);
     if (root)
       std::cout << "kmoe finetune: " << spec_.architecture << ", " << layers_.size() << " MoE layers, "
@@ -420,7 +420,7 @@ void train_on_backend(const Settings& s, comm::Communicator& world, const std::s
     auto nccl = comm::NcclCommunicator::world();
     return train<T, Kokkos::Cuda>(s, *nccl);
 #else
-    throw UsageError("kmoe finetune: --backend cuda needs kmoe built with KMOE_ENABLE_NCCL=ON");
+    throw UsageError("--backend cuda needs kmoe built with KMOE_ENABLE_NCCL=ON");
 #endif
   }
 #endif
@@ -431,7 +431,7 @@ void train_on_backend(const Settings& s, comm::Communicator& world, const std::s
 #ifdef KOKKOS_ENABLE_OPENMP
   if (backend == "openmp") return train<T, Kokkos::OpenMP>(s, world);
 #endif
-  throw UsageError("kmoe finetune: --backend " + backend + " is not enabled in this build's Kokkos");
+  throw UsageError("--backend " + backend + " is not enabled in this build's Kokkos");
 }
 
 int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
@@ -444,9 +444,9 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   s.hf_dir = args.required("checkpoint");
   s.run_dir = args.required("out");
   s.steps = args.get_int("steps", -1);
-  KMOE_CHECK_USAGE(args.has("steps") && s.steps >= 0, "kmoe finetune: --steps N (N >= 0) is required");
+  KMOE_CHECK_USAGE(args.has("steps") && s.steps >= 0, "--steps N (N >= 0) is required");
   s.save_every = args.get_int("save-every", 0);
-  KMOE_CHECK_USAGE(s.save_every >= 0, "kmoe finetune: --save-every must be >= 0, got ", s.save_every);
+  KMOE_CHECK_USAGE(s.save_every >= 0, "--save-every must be >= 0, got ", s.save_every);
   s.adamw.lr = args.get_double("lr", 3e-4);
   s.adamw.weight_decay = args.get_double("weight-decay", 0.0);
   s.adamw.beta1 = args.get_double("beta1", 0.9);
@@ -454,16 +454,16 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   s.adamw.eps = args.get_double("eps", 1e-8);
   KMOE_CHECK_USAGE(s.adamw.lr >= 0 && s.adamw.beta1 >= 0 && s.adamw.beta1 < 1 && s.adamw.beta2 >= 0 &&
                        s.adamw.beta2 < 1 && s.adamw.eps > 0 && s.adamw.weight_decay >= 0,
-                   "kmoe finetune: AdamW needs lr >= 0, 0 <= beta < 1, eps > 0, weight decay >= 0");
+                   "AdamW needs lr >= 0, 0 <= beta < 1, eps > 0, weight decay >= 0");
   s.clip = args.get_double("clip", 1.0);
-  KMOE_CHECK_USAGE(s.clip >= 0, "kmoe finetune: --clip must be >= 0, got ", s.clip);
+  KMOE_CHECK_USAGE(s.clip >= 0, "--clip must be >= 0, got ", s.clip);
   s.ep = static_cast<int>(args.get_int("ep", 0));
-  KMOE_CHECK_USAGE(s.ep >= 0, "kmoe finetune: --ep must be >= 1, got ", s.ep);
+  KMOE_CHECK_USAGE(s.ep >= 0, "--ep must be >= 1, got ", s.ep);
   s.data = args.get("data", "");
   s.tokens = args.get_int("tokens", 256);
-  KMOE_CHECK_USAGE(s.tokens >= 1, "kmoe finetune: --tokens must be >= 1, got ", s.tokens);
+  KMOE_CHECK_USAGE(s.tokens >= 1, "--tokens must be >= 1, got ", s.tokens);
   s.batches = args.get_int("batches", 1);
-  KMOE_CHECK_USAGE(s.batches >= 1, "kmoe finetune: --batches must be >= 1, got ", s.batches);
+  KMOE_CHECK_USAGE(s.batches >= 1, "--batches must be >= 1, got ", s.batches);
   s.perturb = args.get_double("perturb", 0.1);
   s.seed = static_cast<std::uint64_t>(args.get_int("seed", 0));
   s.resume = args.flag("resume");
@@ -485,7 +485,7 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
 #else
 
 int run(int, char**, const std::vector<std::string>&) {
-  throw UsageError("kmoe finetune: this kmoe was built without MPI or HDF5 (KMOE_ENABLE_MPI, KMOE_ENABLE_HDF5)");
+  throw UsageError("this kmoe was built without MPI or HDF5 (KMOE_ENABLE_MPI, KMOE_ENABLE_HDF5)");
 }
 
 #endif
