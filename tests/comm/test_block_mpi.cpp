@@ -1,6 +1,7 @@
-// `kmoe block` under mpirun against the single-process run: every testdata layer on 2 or 3 ranks, 2 replicas x ep 2,
-// ep 4 and 5 ranks (uneven tokens and experts), float64 outputs equal within 1e-12 relative (topk_idx exactly), same
-// tensor names and shapes; an impossible layout fails on every rank with a clear message and no hang.
+// `kmoe block` under mpirun against the single-process run: every testdata layer on 2 or 3 ranks, 1 rank with --ep 1,
+// 2 replicas x ep 2, ep 4 and 5 ranks (uneven tokens and experts), float64 outputs equal within 1e-12 relative
+// (topk_idx exactly), same tensor names and shapes; an impossible layout fails on every rank with a clear message and
+// no hang.
 #include "kmoe_test.hpp"
 
 #include <kmoe/io/safetensors.hpp>
@@ -67,6 +68,7 @@ void expect_same_outputs(const std::string& got_path, const std::string& want_pa
 
 TEST(BlockMpi, EveryLayoutWritesTheSingleProcessOutputs) {
   const Case cases[] = {
+      {"granitemoe-tiny", 0, 1, 1},       // one rank through the distributed path
       {"granitemoe-tiny", 0, 2, 0},       {"granitemoe-tiny", 1, 3, 0},   {"mixtral-tiny", 0, 2, 0},
       {"mixtral-tiny", 1, 3, 0},          {"granitemoeshared-tiny", 0, 2, 0}, {"granitemoeshared-tiny", 1, 3, 0},
       {"mixtral-tiny", 0, 4, 2},          // 2 replicas x ep 2

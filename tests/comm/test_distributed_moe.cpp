@@ -5,6 +5,10 @@
 
 #include <kmoe/comm/distributed_moe.hpp>
 #include <kmoe/comm/mpi_communicator.hpp>
+#include <kmoe/io/safetensors.hpp>
+#include <kmoe/moe/checkpoint.hpp>
+
+#include "kmoe_test.hpp"
 
 #include <cmath>
 #include <random>
@@ -66,14 +70,11 @@ double sumsq(const Weights& g) {
   return s;
 }
 
-void check(std::int64_t tokens, int ep, std::int64_t S, int top_k) {
+/// DistributedMoe with `ep` on this rank's share of x/dy against MoeLayer on all of them: outputs, gradients and the
+/// global norm within 1e-12 relative.
+void compare(const Weights& full, const Matrix& x, const Matrix& dy, int ep, int top_k, const std::string& what) {
   auto world = comm::MpiCommunicator::world();
-  const std::int64_t E = 5, H = 16, F = 12;
-  const Weights full = random_weights(E, H, F, S, 7);
-  Matrix x("x", tokens, H), dy("dy", tokens, H);
-  std::mt19937_64 rng(11);
-  fill(x, rng, 1.0);
-  fill(dy, rng, 1.0);
+  const std::int64_t E = full.num_experts(), H = full.hidden(), S = full.shared_ffn(), tokens = x.extent(0);
   moe::MoeOptions opt;
   opt.top_k = top_k;
 
@@ -93,8 +94,8 @@ void check(std::int64_t tokens, int ep, std::int64_t S, int top_k) {
   auto grads = dist.gradient_set(b);
   grads.reduce();
 
-  const std::string where = "world " + std::to_string(world->size()) + " ep " + std::to_string(ep) + " rank " +
-                            std::to_string(world->rank()) + " tokens " + std::to_string(tokens) + " shared " +
+  const std::string where = what + ": world " + std::to_string(world->size()) + " ep " + std::to_string(ep) +
+                            " rank " + std::to_string(world->rank()) + " tokens " + std::to_string(tokens) + " shared " +
                             std::to_string(S) + " k " + std::to_string(top_k);
   // The send order of the handle is the plan's row order (DistributedMoe relies on it).
   const auto sa = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dist.handle().send_assignment());
@@ -116,6 +117,38 @@ void check(std::int64_t tokens, int ep, std::int64_t S, int top_k) {
   }
   const double norm_ref = std::sqrt(sumsq(b_ref.grads));
   EXPECT_NEAR(grads.global_norm(), norm_ref, tol * norm_ref) << where;
+}
+
+void check(std::int64_t tokens, int ep, std::int64_t S, int top_k) {
+  const std::int64_t E = 5, H = 16, F = 12;
+  const Weights full = random_weights(E, H, F, S, 7);
+  Matrix x("x", tokens, H), dy("dy", tokens, H);
+  std::mt19937_64 rng(11);
+  fill(x, rng, 1.0);
+  fill(dy, rng, 1.0);
+  compare(full, x, dy, ep, top_k, "random weights");
+}
+
+TEST(DistributedMoe, EveryTestdataLayerMatchesTheSingleProcessLayer) {
+  const int n = comm::MpiCommunicator::world()->size();
+  for (const std::string set : {"mixtral-tiny", "granitemoe-tiny", "granitemoeshared-tiny"}) {
+    const auto ckpt = io::HfCheckpoint::open(kmoe::test::testdata_dir() / set / "hf_save_pretrained");
+    const auto ref = io::SafetensorsFile::open(kmoe::test::testdata_dir() / set / (set + "-ref.safetensors"));
+    for (int layer = 0; layer < ckpt.config().num_layers; ++layer) {
+      const Weights full = moe::load_weights<double, Exec>(ckpt, layer);
+      const std::string p = "layers." + std::to_string(layer) + ".";
+      auto rows = [&](const std::string& name) {
+        const auto v = io::to_host_view<double>(ref.tensor(p + name));
+        Matrix m(name, v.extent(0) / full.hidden(), full.hidden());
+        std::copy(v.data(), v.data() + v.extent(0), m.data());
+        return m;
+      };
+      const auto x = rows("x"), dy = rows("dy");
+      // Every ep that divides the world (2 replicas x ep 2 on 4 ranks included).
+      for (int ep = 1; ep <= n; ++ep)
+        if (n % ep == 0) compare(full, x, dy, ep, static_cast<int>(ckpt.config().top_k), set + " layer " + std::to_string(layer));
+    }
+  }
 }
 
 TEST(DistributedMoe, EveryLayoutMatchesTheSingleProcessLayer) {
