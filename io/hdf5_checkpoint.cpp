@@ -278,11 +278,12 @@ H5Handle open_group(hid_t loc, const char* name, const std::string& where) {
   return H5Handle(KMOE_H5(H5Gopen2(loc, name, H5P_DEFAULT), where + " group " + name));
 }
 
-// New files use the 1.10 format: checksummed metadata (superblock v3, v2 object headers), so damage is detected.
+// New files use the 1.10 format: checksummed metadata (superblock v3, v2 object headers), so damage is detected;
+// pinned to 1.10 (not "latest") so that files written by a newer HDF5 still read with 1.10.
 H5Handle create_file(const fs::path& path) {
   const std::string w = path.string();
   H5Handle fapl(KMOE_H5(H5Pcreate(H5P_FILE_ACCESS), w));
-  KMOE_H5(H5Pset_libver_bounds(fapl, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST), w);
+  KMOE_H5(H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110), w);
   return H5Handle(KMOE_H5(H5Fcreate(w.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl), w));
 }
 
