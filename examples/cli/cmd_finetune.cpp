@@ -189,6 +189,7 @@ class Trainer {
       KMOE_CHECK_INPUT(io::moe_layers(*ck) == layers_, resume_from.string(), ": its MoE layers differ from ",
                        s.hf_dir.string(), "'s");
       start_step_ = ck->step();
+      resumed_from_ = resume_from;
     }
     if (world_.rank() == 0) {
       if (ck)
@@ -231,7 +232,8 @@ class Trainer {
                 << std::flush;
     ProgressBar bar("finetune", s_.steps - start_step_, ProgressBar::Unit::Items, root);
     fs::path last;
-    if (s_.steps == start_step_) last = save(start_step_);  // --steps 0, or nothing left to do
+    // Nothing to train: --steps 0 saves the loaded weights; a resumed run already at --steps keeps its checkpoint.
+    if (s_.steps == start_step_) last = resumed_from_.empty() ? save(start_step_) : resumed_from_;
     for (std::int64_t step = start_step_ + 1; step <= s_.steps; ++step) {
       const auto [loss, norm] = train_step(step);
       if (root) {
@@ -403,6 +405,7 @@ class Trainer {
   std::vector<matrix> data_x_, data_y_;
   std::int64_t data_rows_ = 0;
   std::int64_t start_step_ = 0;
+  fs::path resumed_from_;
 };
 
 template <class T, class Space>
