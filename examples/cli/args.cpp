@@ -30,12 +30,12 @@ Args::Args(std::string program, const std::vector<std::string>& argv, const std:
         flags_[name] = true;
       } else if (known(options, name)) {
         if (!inline_value) {
-          KMOE_CHECK_USAGE(i + 1 < argv.size(), program_, ": option --", name, " needs a value");
+          KMOE_CHECK_USAGE(i + 1 < argv.size(), "option --", name, " needs a value");
           value = argv[++i];
         }
         values_[name] = value;
       } else {
-        throw UsageError(program_ + ": unknown option '" + a + "' (see " + program_ + " --help)");
+        throw UsageError("unknown option '" + a + "' (see " + program_ + " --help)");
       }
     } else {
       positionals_.push_back(a);
@@ -45,7 +45,7 @@ Args::Args(std::string program, const std::vector<std::string>& argv, const std:
 
 std::string Args::required(const std::string& name) const {
   auto it = values_.find(name);
-  KMOE_CHECK_USAGE(it != values_.end(), program_, ": missing required option --", name, " (see ", program_,
+  KMOE_CHECK_USAGE(it != values_.end(), "missing required option --", name, " (see ", program_,
                    " --help)");
   return it->second;
 }
@@ -61,7 +61,7 @@ long long Args::get_int(const std::string& name, long long fallback) const {
   char* end = nullptr;
   errno = 0;
   const long long v = std::strtoll(it->second.c_str(), &end, 10);
-  KMOE_CHECK_USAGE(!it->second.empty() && *end == '\0' && errno == 0, program_, ": --", name,
+  KMOE_CHECK_USAGE(!it->second.empty() && *end == '\0' && errno == 0, "--", name,
                    " expects an integer, got '", it->second, "'");
   return v;
 }
@@ -72,7 +72,7 @@ double Args::get_double(const std::string& name, double fallback) const {
   char* end = nullptr;
   errno = 0;
   const double v = std::strtod(it->second.c_str(), &end);
-  KMOE_CHECK_USAGE(!it->second.empty() && *end == '\0' && errno == 0, program_, ": --", name,
+  KMOE_CHECK_USAGE(!it->second.empty() && *end == '\0' && errno == 0, "--", name,
                    " expects a number, got '", it->second, "'");
   return v;
 }
@@ -83,13 +83,13 @@ std::string Args::get_choice(const std::string& name, const std::string& fallbac
   if (std::find(choices.begin(), choices.end(), v) == choices.end()) {
     std::string list;
     for (const auto& c : choices) list += (list.empty() ? "" : "|") + c;
-    throw UsageError(program_ + ": --" + name + " must be one of " + list + ", got '" + v + "'");
+    throw UsageError("--" + name + " must be one of " + list + ", got '" + v + "'");
   }
   return v;
 }
 
 void Args::expect_positionals(std::size_t min, std::size_t max, const char* what) const {
-  KMOE_CHECK_USAGE(positionals_.size() >= min && positionals_.size() <= max, program_, ": expected ", what, ", got ",
+  KMOE_CHECK_USAGE(positionals_.size() >= min && positionals_.size() <= max, "expected ", what, ", got ",
                    positionals_.size(), " positional argument(s)");
 }
 
