@@ -20,5 +20,9 @@ KMOE_MOE_LAYER_INSTANTIATE(float, Kokkos::Serial)
 KMOE_MOE_LAYER_INSTANTIATE(double, Kokkos::OpenMP)
 KMOE_MOE_LAYER_INSTANTIATE(float, Kokkos::OpenMP)
 #endif
+#ifdef KOKKOS_ENABLE_CUDA
+// The portable kernels on the GPU (the reference the hand-written CUDA block is compared with).
+KMOE_MOE_LAYER_INSTANTIATE(float, Kokkos::Cuda)
+#endif
 
 }  // namespace kmoe::moe

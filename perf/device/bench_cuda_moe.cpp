@@ -58,7 +58,7 @@ double time_ms(F&& f, int reps) {
   return ms / reps;
 }
 
-void BM_MoeBlock(benchmark::State& state, Shape s, MoePath path, bool backward) {
+void BM_MoeBlock(benchmark::State& state, Shape s, MoePath path, GemmEngine engine, bool backward) {
   MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
   const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
   const float ws = 1.f / std::sqrt(float(H));
@@ -78,6 +78,7 @@ void BM_MoeBlock(benchmark::State& state, Shape s, MoePath path, bool backward) 
   g.dw3 = static_cast<float*>(dalloc(E * F * H * 4));
   g.dw2 = static_cast<float*>(dalloc(E * H * F * 4));
   MoeSaved saved = moe_carve(work, shape, path);
+  saved.engine = engine;
   auto step = [&] {
     moe_forward(x, w, saved, y, nullptr);
     if (backward) moe_backward(x, w, saved, dy, g, nullptr);
@@ -151,14 +152,17 @@ void BM_UpProjection(benchmark::State& state, Shape s, int engine) {
 
 void register_all() {
   for (const Shape& s : kShapes) {
-    for (MoePath path : {MoePath::Scattered, MoePath::Padded}) {
-      const std::string p = path == MoePath::Scattered ? "scattered" : "padded";
-      benchmark::RegisterBenchmark(("moe_fwd/" + std::string(s.name) + "/" + p).c_str(), BM_MoeBlock, s, path, false)
-          ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-      benchmark::RegisterBenchmark(("moe_fwd_bwd/" + std::string(s.name) + "/" + p).c_str(), BM_MoeBlock, s, path,
-                                   true)
-          ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-    }
+    for (MoePath path : {MoePath::Scattered, MoePath::Padded})
+      for (GemmEngine engine : {GemmEngine::Kernel, GemmEngine::Cublas}) {
+        const std::string p = std::string(path == MoePath::Scattered ? "scattered" : "padded") +
+                              (engine == GemmEngine::Cublas ? "/cublas" : "/kernel");
+        benchmark::RegisterBenchmark(("moe_fwd/" + std::string(s.name) + "/" + p).c_str(), BM_MoeBlock, s, path,
+                                     engine, false)
+            ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+        benchmark::RegisterBenchmark(("moe_fwd_bwd/" + std::string(s.name) + "/" + p).c_str(), BM_MoeBlock, s, path,
+                                     engine, true)
+            ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+      }
     const char* engines[] = {"kmoe_grouped", "cublas_per_expert", "cublas_dense_same_rows"};
     for (int e = 0; e < 3; ++e)
       benchmark::RegisterBenchmark(("up_proj/" + std::string(s.name) + "/" + engines[e]).c_str(), BM_UpProjection, s,

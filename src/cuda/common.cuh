@@ -5,6 +5,7 @@
 #include <kmoe/core/cuda/kernels.hpp>
 
 #include <cuda_bf16.h>
+#include <cfenv>
 #include <cstdint>
 
 namespace kmoe::core::cuda::detail {
@@ -66,5 +67,30 @@ inline unsigned grid_for(std::int64_t items, int threads, std::int64_t cap = 1 <
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace kmoe::core::cuda::detail
+
+namespace kmoe::core::cuda::detail {
+
+/// Holds the host's floating-point exception traps off for its lifetime: cuBLAS' host-side heuristics raise
+/// FE_INVALID (seen on the H100 under the test main's feenableexcept), which is not a NaN in kmoe's results.
+class HoldFpExceptions {
+ public:
+  HoldFpExceptions() { feholdexcept(&env_); }
+  ~HoldFpExceptions() { fesetenv(&env_); }
+  HoldFpExceptions(const HoldFpExceptions&) = delete;
+  HoldFpExceptions& operator=(const HoldFpExceptions&) = delete;
+
+ private:
+  fenv_t env_;
+};
+
+/// The cuBLAS engine of the expert GEMMs (cublas_engine.cu): the semantics of grouped_gemm / grouped_gemm_tn for
+/// unindexed rows (a_index, c_index, b_index nullptr), one cublasGemmEx per non-empty group, with the group offsets
+/// on the host.
+void grouped_gemm_cublas(const GroupedGemmArgs& args, const std::vector<std::int64_t>& host_offsets,
+                         cudaStream_t stream);
+void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& args, const std::vector<std::int64_t>& host_offsets,
+                            cudaStream_t stream);
 
 }  // namespace kmoe::core::cuda::detail

@@ -1,5 +1,6 @@
 // The MoE block on the GPU, forward and backward, in two layouts (ScatterMoE scattered rows, MegaBlocks padded
-// blocks), composed from the kernels of this folder. Everything is enqueued on one stream; no step waits for the host.
+// blocks), composed from the kernels of this folder. Everything is enqueued on one stream; with the kernel engine no
+// step waits for the host, the cuBLAS engine waits once per forward for the group offsets (kernels.hpp, GemmEngine).
 #include "common.cuh"
 
 namespace kmoe::core::cuda {
@@ -39,6 +40,21 @@ void check_shape(const MoeShape& s) {
                    " must be multiples of 8 (16-byte rows)");
   KMOE_CHECK_INPUT(s.k >= 1 && s.k <= s.experts && s.k <= 32, fn, ": top_k = ", s.k, " outside [1, min(",
                    s.experts, ", 32)]");
+}
+
+/// The expert GEMMs go to the engine moe_forward chose.
+void expert_gemm(const GroupedGemmArgs& a, const MoeSaved& m, cudaStream_t stream) {
+  if (m.cublas) detail::grouped_gemm_cublas(a, m.host_offsets, stream);
+  else grouped_gemm(a, stream);
+}
+void expert_gemm_tn(const GroupedGemmTNArgs& a, const MoeSaved& m, cudaStream_t stream) {
+  if (m.cublas) detail::grouped_gemm_tn_cublas(a, m.host_offsets, stream);
+  else grouped_gemm_tn(a, stream);
+}
+/// Where pair p's expert output row lives: padded blocks, sorted rows (cuBLAS engine), or pair order (nullptr).
+const std::int64_t* out_row_map(const MoeSaved& m) {
+  if (m.path == MoePath::Padded) return m.plan.pair_padded_row;
+  return m.cublas ? m.plan.pair_row : nullptr;
 }
 
 /// The shared expert (one dense SwiGLU MLP over all tokens): y = Ws2 (silu(Ws1 x) * Ws3 x), written (not added).
@@ -139,7 +155,7 @@ std::size_t moe_workspace_bytes(const MoeShape& s, MoePath path) {
   total += 2 * align256(f4 * s.tokens * s.experts);                       // logits, probs
   total += align256(sizeof(std::int64_t) * z.pairs) + align256(f4 * z.pairs);  // topk_idx, topk_weight
   total += align256(b * z.rows * 2 * s.ffn) + align256(b * z.rows * s.ffn) + align256(b * z.rows * s.hidden);
-  if (path == MoePath::Padded) total += align256(b * z.rows * s.hidden);  // xg
+  total += align256(b * z.rows * s.hidden);                                // xg
   total += align256(b * s.tokens * 3 * std::int64_t(s.shared_ffn));      // shared h13, act
   return total + scratch_bytes(s, path);
 }
@@ -165,7 +181,7 @@ MoeSaved moe_carve(void* workspace, const MoeShape& s, MoePath path) {
   m.h13 = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * 2 * s.ffn));
   m.act = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.ffn));
   m.out = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.hidden));
-  if (path == MoePath::Padded) m.xg = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.hidden));
+  m.xg = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.hidden));
   if (s.shared_ffn > 0) {
     m.shared_h13 = static_cast<bf16_t*>(take(sizeof(bf16_t) * s.tokens * 3 * std::int64_t(s.shared_ffn)));
     m.shared_act = m.shared_h13 + s.tokens * 2 * std::int64_t(s.shared_ffn);
@@ -183,7 +199,18 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, c
   if (s.tokens == 0) return;
   dispatch_plan_build(m.topk_idx, plan, stream);
   const bool padded = m.path == MoePath::Padded;
-  if (padded) gather_rows(x, s.hidden, plan.padded_pair, s.k, nullptr, m.xg, z.rows, stream);
+  m.cublas = m.engine == GemmEngine::Cublas ||
+             (m.engine == GemmEngine::Auto && z.pairs >= 512 * std::int64_t(s.experts));
+  if (m.cublas) {  // the one host synchronisation of this engine: the group offsets
+    m.host_offsets.resize(s.experts + 1);
+    KMOE_CUDA_CHECK(cudaMemcpyAsync(m.host_offsets.data(), padded ? plan.padded_offsets : plan.offsets,
+                                    sizeof(std::int64_t) * (s.experts + 1), cudaMemcpyDeviceToHost, stream));
+    KMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  // x in expert order: padded blocks (MegaBlocks), or sorted rows when cuBLAS cannot read rows through the plan.
+  const bool gathered = padded || m.cublas;
+  if (gathered)
+    gather_rows(x, s.hidden, padded ? plan.padded_pair : plan.sorted_pair, s.k, nullptr, m.xg, z.rows, stream);
 
   // h13 = rows · [W1;W3]ᵀ per expert: scattered reads x's token rows through the plan, padded reads the blocks.
   GroupedGemmArgs up;
@@ -193,9 +220,9 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, c
   up.k = s.hidden;
   up.offsets = padded ? plan.padded_offsets : plan.offsets;
   up.tile_offsets = padded ? plan.padded_tile_offsets : plan.tile_offsets;
-  up.a = padded ? m.xg : x;
+  up.a = gathered ? m.xg : x;
   up.lda = s.hidden;
-  up.a_index = padded ? nullptr : plan.sorted_pair;
+  up.a_index = gathered ? nullptr : plan.sorted_pair;
   up.a_div = s.k;
   up.b_trans = true;
   up.b0 = w.w1;
@@ -203,7 +230,7 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, c
   up.b_split = s.ffn;
   up.c_bf16 = m.h13;
   up.ldc = 2 * std::int64_t(s.ffn);
-  grouped_gemm(up, stream);
+  expert_gemm(up, m, stream);
   swiglu_forward(m.h13, z.rows, s.ffn, m.act, stream);
 
   // out = act · W2ᵀ: scattered writes each row back to its pair's place (pair order), padded keeps block order.
@@ -218,13 +245,12 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, c
   down.b_split = 0;
   down.c_bf16 = m.out;
   down.ldc = s.hidden;
-  down.c_index = padded ? nullptr : plan.sorted_pair;
-  grouped_gemm(down, stream);
+  down.c_index = gathered ? nullptr : plan.sorted_pair;
+  expert_gemm(down, m, stream);
 
   // The shared expert writes y first; the routed experts' combine adds to it.
   if (s.shared_ffn > 0) shared_forward(x, w, m, y, stream);
-  combine_rows(m.out, s.hidden, padded ? plan.pair_padded_row : nullptr, m.topk_weight, s.tokens, s.k, y, nullptr,
-               s.shared_ffn > 0, stream);
+  combine_rows(m.out, s.hidden, out_row_map(m), m.topk_weight, s.tokens, s.k, y, nullptr, s.shared_ffn > 0, stream);
 }
 
 void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const bf16_t* dy, const MoeGrads& grads,
@@ -255,7 +281,8 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   void* route_work = take(routing_backward_workspace_bytes(s.tokens, s.experts));
   auto* shared_scratch = static_cast<bf16_t*>(take(sizeof(bf16_t) * s.tokens * 3 * std::int64_t(s.shared_ffn)));
 
-  const std::int64_t* out_row = padded ? plan.pair_padded_row : nullptr;  // pair -> row of m.out
+  const std::int64_t* out_row = out_row_map(m);  // pair -> row of m.out
+  const bool gathered = padded || m.cublas;
   // y = sum_s w_s out_s: d w_s = <dy, out_s>; d out_s = w_s dy, laid out like the expert rows (sorted or padded).
   pair_dot(dy, m.out, s.hidden, out_row, s.tokens, s.k, d_w, stream);
   gather_rows(dy, s.hidden, padded ? plan.padded_pair : plan.sorted_pair, s.k, m.topk_weight, d_out, z.rows, stream);
@@ -274,7 +301,7 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   g.b0 = w.w2;
   g.c_bf16 = d_act;
   g.ldc = s.ffn;
-  grouped_gemm(g, stream);
+  expert_gemm(g, m, stream);
   swiglu_backward(m.h13, d_act, z.rows, s.ffn, dh13, stream);
   // dx_rows = dh13 · [W1;W3] ([R,2F]·[2F,H]); scattered rows go back to pair order
   g.n = s.hidden;
@@ -286,8 +313,8 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   g.b_split = s.ffn;
   g.c_bf16 = dx_rows;
   g.ldc = s.hidden;
-  g.c_index = padded ? nullptr : plan.sorted_pair;
-  grouped_gemm(g, stream);
+  g.c_index = gathered ? nullptr : plan.sorted_pair;
+  expert_gemm(g, m, stream);
   combine_rows(dx_rows, s.hidden, out_row, nullptr, s.tokens, s.k, nullptr, dx, false, stream);
 
   // Weight gradients: d[W1;W3]_e = dh13_eᵀ · x_e, dW2_e = d_out_eᵀ · act_e.
@@ -298,14 +325,14 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   t.n = s.hidden;
   t.a = dh13;
   t.lda = 2 * std::int64_t(s.ffn);
-  t.b = padded ? m.xg : x;
+  t.b = gathered ? m.xg : x;
   t.ldb = s.hidden;
-  t.b_index = padded ? nullptr : plan.sorted_pair;
+  t.b_index = gathered ? nullptr : plan.sorted_pair;
   t.b_div = s.k;
   t.c0 = dw1;
   t.c1 = dw3;
   t.c_split = s.ffn;
-  grouped_gemm_tn(t, stream);
+  expert_gemm_tn(t, m, stream);
   GroupedGemmTNArgs t2;
   t2.groups = s.experts;
   t2.offsets = g.offsets;
@@ -316,7 +343,7 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   t2.b = m.act;
   t2.ldb = s.ffn;
   t2.c0 = dw2;
-  grouped_gemm_tn(t2, stream);
+  expert_gemm_tn(t2, m, stream);
 
   if (s.shared_ffn > 0) shared_backward(x, w, m, dy, grads, shared_scratch, stream);
   routing_backward(x, w.gate, m.probs, m.topk_idx, m.topk_weight, d_w, s.tokens, s.hidden, s.experts, s.k, d_logits,

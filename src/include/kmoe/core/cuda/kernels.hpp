@@ -6,7 +6,8 @@
 /// Conventions. Every pointer is device memory, row-major. bf16 tensors are passed as their 16-bit patterns
 /// (bf16_t = kmoe::bf16 = __nv_bfloat16 layout). T tokens, H hidden, F expert ffn, E experts, k slots per token;
 /// pair p = t*k + s names slot s of token t, P = T*k pairs. Every function only enqueues work on `stream` and returns
-/// without waiting, unless its comment says it blocks; none needs the host to learn split sizes (no host sync).
+/// without waiting, unless its comment says it blocks; none needs the host to learn split sizes (no host sync), except
+/// moe_forward with GemmEngine::Cublas, which copies the E+1 group offsets to the host once.
 /// Errors in arguments throw kmoe::InputError; failed CUDA calls throw kmoe::InternalError (check.hpp).
 #pragma once
 
@@ -15,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace kmoe::core::cuda {
 
@@ -174,6 +176,13 @@ void swiglu_backward(const bf16_t* h13, const bf16_t* d_act, std::int64_t rows, 
 /// pair order, no padded copy. Padded (MegaBlocks): rows gathered into per-expert blocks padded to kGemmTileRows.
 enum class MoePath { Scattered, Padded };
 
+/// Which engine runs the expert GEMMs. Kernel: kmoe's grouped kernel, split sizes stay on the device (no host sync).
+/// Cublas: cublasGemmEx per expert, which needs the split sizes on the host (one device-to-host copy of E+1 offsets
+/// and a stream synchronisation per forward; the backward reuses them); the scattered layout then gathers x into
+/// expert order first. Auto: Cublas when experts average at least 512 rows, else Kernel (perf/RESULTS.md: cuBLAS
+/// is ~5x faster on large experts, kmoe's kernel ~2x faster on small ones).
+enum class GemmEngine { Auto, Kernel, Cublas };
+
 struct MoeShape {
   std::int64_t tokens = 0;
   int hidden = 0, ffn = 0, experts = 0, k = 0;
@@ -203,7 +212,10 @@ struct MoeSaved {
   bf16_t* h13 = nullptr;          ///< [R,2F] R = P (scattered) or padded_capacity
   bf16_t* act = nullptr;          ///< [R,F]
   bf16_t* out = nullptr;          ///< [R,H] unweighted expert outputs (pair order when scattered)
-  bf16_t* xg = nullptr;           ///< [R,H] padded gathered x (padded path only)
+  bf16_t* xg = nullptr;           ///< [R,H] x gathered in expert order (padded path; scattered with Cublas)
+  GemmEngine engine = GemmEngine::Auto;  ///< requested engine (set before moe_forward)
+  bool cublas = false;                   ///< the engine moe_forward used
+  std::vector<std::int64_t> host_offsets;  ///< [E+1] row offsets of the GEMM groups (Cublas only)
   bf16_t* shared_h13 = nullptr;   ///< [T,2S] shared expert pre-activations (S > 0 only)
   bf16_t* shared_act = nullptr;   ///< [T,S]
   void* scratch = nullptr;        ///< backward scratch

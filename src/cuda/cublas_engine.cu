@@ -1,0 +1,98 @@
+// The cuBLAS engine of the expert GEMMs: cublasGemmEx per expert (bf16 in, fp32 compute), measured ~5x faster than
+// kmoe's grouped kernel on large experts (perf/RESULTS.md); it needs the group offsets on the host.
+// Row-major C[M,N] = A·op(B) is computed as the column-major Cᵀ = op(B)ᵀ·Aᵀ, so no operand is copied.
+#include "common.cuh"
+
+namespace kmoe::core::cuda::detail {
+
+namespace {
+
+/// One cuBLAS handle per host thread and device, created on first use (creation costs milliseconds).
+cublasHandle_t handle_for(cudaStream_t stream) {
+  static thread_local cublasHandle_t handles[16] = {};
+  int dev = 0;
+  KMOE_CUDA_CHECK(cudaGetDevice(&dev));
+  KMOE_CHECK_INPUT(dev >= 0 && dev < 16, "kmoe::core::cuda: device ", dev, " beyond the 16 the cuBLAS engine caches");
+  if (!handles[dev]) KMOE_CUBLAS_CHECK(cublasCreate(&handles[dev]));
+  KMOE_CUBLAS_CHECK(cublasSetStream(handles[dev], stream));
+  return handles[dev];
+}
+
+/// Row-major C[m,n] (ldc) = alpha · A[m,k] (lda, row-major) · op(B) + beta · C, op(B) = Bᵀ with B [n,k] (ldb) when
+/// b_trans, else B [k,n] (ldb). C is bf16 or fp32.
+void gemm_rm(cublasHandle_t h, bool b_trans, std::int64_t m, std::int64_t n, std::int64_t k, const bf16_t* a,
+             std::int64_t lda, const bf16_t* b, std::int64_t ldb, float beta, void* c, bool c_f32, std::int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  KMOE_CHECK_INPUT(m < (1ll << 31) && n < (1ll << 31) && k < (1ll << 31) && lda < (1ll << 31) && ldb < (1ll << 31) &&
+                       ldc < (1ll << 31),
+                   "kmoe::core::cuda: GEMM [", m, ",", n, ",", k, "] exceeds cuBLAS' 32-bit sizes");
+  const float alpha = 1.f;
+  KMOE_CUBLAS_CHECK(cublasGemmEx(h, b_trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, b,
+                                 CUDA_R_16BF, int(ldb), a, CUDA_R_16BF, int(lda), &beta, c,
+                                 c_f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace
+
+void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_t>& off, cudaStream_t stream) {
+  const HoldFpExceptions hold;
+  KMOE_ASSERT(a.a_index == nullptr && a.c_index == nullptr, "the cuBLAS engine takes unindexed rows");
+  KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
+  cublasHandle_t h = handle_for(stream);
+  const std::int64_t N = a.n, K = a.k;
+  const std::int64_t stored_rows = a.b_trans ? N : K, row_len = a.b_trans ? K : N;
+  const std::int64_t split = a.b1 ? a.b_split : stored_rows;
+  const bool f32 = a.c_f32 != nullptr;
+  const std::size_t c_elem = f32 ? sizeof(float) : sizeof(bf16_t);
+  auto* c_base = f32 ? static_cast<void*>(a.c_f32) : static_cast<void*>(a.c_bf16);
+  const float beta0 = a.accumulate ? 1.f : 0.f;
+  for (int g = 0; g < a.groups; ++g) {
+    const std::int64_t r0 = off[g], rows = off[g + 1] - off[g];
+    if (rows == 0) continue;
+    const bf16_t* A = a.a + r0 * a.lda;
+    auto* C = static_cast<unsigned char*>(c_base) + std::size_t(r0 * a.ldc) * c_elem;
+    const bf16_t* b0 = a.b0 + std::int64_t(g) * split * row_len;
+    if (!a.b1) {
+      gemm_rm(h, a.b_trans, rows, N, K, A, a.lda, b0, row_len, beta0, C, f32, a.ldc);
+      continue;
+    }
+    const bf16_t* b1 = a.b1 + std::int64_t(g) * (stored_rows - split) * row_len;
+    if (a.b_trans) {  // stored rows are output columns: C[:, :split] from b0, C[:, split:] from b1
+      gemm_rm(h, true, rows, split, K, A, a.lda, b0, row_len, beta0, C, f32, a.ldc);
+      gemm_rm(h, true, rows, N - split, K, A, a.lda, b1, row_len, beta0, C + std::size_t(split) * c_elem, f32, a.ldc);
+    } else {  // stored rows are the reduction: C = A[:, :split]·b0 + A[:, split:]·b1
+      gemm_rm(h, false, rows, N, split, A, a.lda, b0, row_len, beta0, C, f32, a.ldc);
+      gemm_rm(h, false, rows, N, K - split, A + split, a.lda, b1, row_len, 1.f, C, f32, a.ldc);
+    }
+  }
+}
+
+void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::int64_t>& off, cudaStream_t stream) {
+  const HoldFpExceptions hold;
+  KMOE_ASSERT(a.a_index == nullptr && a.b_index == nullptr, "the cuBLAS engine takes unindexed rows");
+  KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
+  cublasHandle_t h = handle_for(stream);
+  const std::int64_t M = a.m, N = a.n;
+  const std::int64_t split = a.c1 ? a.c_split : M;
+  const float alpha = 1.f, beta = 0.f;
+  // C_g[m0:m1, :] = A[rows, m0:m1]ᵀ · B[rows, :]  (column-major: Cᵀ = Bᵀ·A)
+  auto part = [&](const bf16_t* A, std::int64_t rows, const bf16_t* B, std::int64_t m, float* C) {
+    if (m == 0 || N == 0) return;
+    if (rows == 0) {
+      KMOE_CUDA_CHECK(cudaMemsetAsync(C, 0, sizeof(float) * m * N, stream));
+      return;
+    }
+    KMOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, int(N), int(m), int(rows), &alpha, B, CUDA_R_16BF,
+                                   int(a.ldb), A, CUDA_R_16BF, int(a.lda), &beta, C, CUDA_R_32F, int(N),
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  };
+  for (int g = 0; g < a.groups; ++g) {
+    const std::int64_t r0 = off[g], rows = off[g + 1] - off[g];
+    const bf16_t* A = a.a + r0 * a.lda;
+    const bf16_t* B = a.b + r0 * a.ldb;
+    part(A, rows, B, split, a.c0 + std::int64_t(g) * split * N);
+    if (a.c1) part(A + split, rows, B, M - split, a.c1 + std::int64_t(g) * (M - split) * N);
+  }
+}
+
+}  // namespace kmoe::core::cuda::detail
