@@ -98,9 +98,9 @@ struct Row {
   std::int64_t dispatch_wrong, combine_wrong;
 };
 
-template <class T>
+/// Mem: where the rows live (host memory for MPI, device memory for NCCL).
+template <class T, class Mem>
 Row measure(const Options& o, const comm::ExpertParallel& layout, comm::MpiCommunicator& mpi, std::int64_t tokens) {
-  using Mem = Kokkos::DefaultExecutionSpace::memory_space;
   comm::Communicator& world = layout.world();
   const std::int64_t first = tokens * world.rank(), H = o.hidden, k = o.top_k;
   Kokkos::View<std::int64_t**, Kokkos::LayoutRight, Mem> topk("topk", tokens, k);
@@ -158,7 +158,7 @@ Row measure(const Options& o, const comm::ExpertParallel& layout, comm::MpiCommu
   return Row{static_cast<double>(tokens * k * H) * sizeof(T), times[0] * 1e6, times[1] * 1e6, wrong[0], wrong[1]};
 }
 
-template <class T>
+template <class T, class Mem>
 void sweep(const Options& o, const comm::ExpertParallel& layout, comm::MpiCommunicator& mpi) {
   const int ep = layout.placement().ep();
   const double bus = ep > 1 ? static_cast<double>(ep - 1) / ep : 1.0;
@@ -170,7 +170,7 @@ void sweep(const Options& o, const comm::ExpertParallel& layout, comm::MpiCommun
   }
   std::int64_t wrong_total = 0;
   for (std::int64_t tokens = o.min_tokens; tokens <= o.max_tokens; tokens *= 2) {
-    const Row r = measure<T>(o, layout, mpi, tokens);
+    const Row r = measure<T, Mem>(o, layout, mpi, tokens);
     wrong_total += r.dispatch_wrong + r.combine_wrong;
     if (layout.world().rank() == 0) {
       const double da = r.bytes / (r.dispatch_us * 1e3), ca = r.bytes / (r.combine_us * 1e3);
@@ -221,10 +221,16 @@ int main(int argc, char** argv) {
                       Kokkos::DefaultExecutionSpace::name());
           std::printf("# dispatch = DispatchHandle (count exchange) + dispatch_forward; combine = combine_forward\n");
         }
-        if (o.dtype == "f32") sweep<float>(o, layout, *mpi_world);
-        else if (o.dtype == "f64") sweep<double>(o, layout, *mpi_world);
-        else if (o.dtype == "bf16") sweep<bf16>(o, layout, *mpi_world);
-        else throw UsageError("bench_alltoall: --dtype " + o.dtype + " (expected f32, f64 or bf16)");
+        KMOE_CHECK_USAGE(o.dtype == "f32" || o.dtype == "f64" || o.dtype == "bf16", "bench_alltoall: --dtype ",
+                         o.dtype, " (expected f32, f64 or bf16)");
+        auto run = [&](auto mem) {
+          using Mem = decltype(mem);
+          if (o.dtype == "f32") sweep<float, Mem>(o, layout, *mpi_world);
+          else if (o.dtype == "f64") sweep<double, Mem>(o, layout, *mpi_world);
+          else sweep<bf16, Mem>(o, layout, *mpi_world);
+        };
+        if (data->uses_device_memory()) run(Kokkos::DefaultExecutionSpace::memory_space());
+        else run(Kokkos::HostSpace());
       });
     } catch (const std::exception& e) {  // one rank: run_or_abort rethrows
       std::fprintf(stderr, "bench_alltoall: %s\n", e.what());

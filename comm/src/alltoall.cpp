@@ -77,6 +77,8 @@ void DispatchHandle::plan(const std::int64_t* idx, const ExpertPlacement& placem
   }
   send_assignment_ = to_view(send_assignment, "kmoe::comm::send_assignment");
   grouped_source_ = to_view(grouped_source, "kmoe::comm::grouped_source");
+  send_assignment_host_ = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), send_assignment_);
+  grouped_source_host_ = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), grouped_source_);
 }
 
 }  // namespace kmoe::comm

@@ -16,7 +16,7 @@
 
 namespace {
 
-using Exec = Kokkos::DefaultExecutionSpace;
+using Exec = Kokkos::DefaultHostExecutionSpace;  // CPU ranks: MPI moves host memory
 using Weights = kmoe::moe::MoeWeights<double, Exec>;
 using Matrix = Weights::views::matrix;
 

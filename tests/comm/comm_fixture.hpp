@@ -12,9 +12,11 @@
 
 namespace kmoe::test {
 
-using Rows = Kokkos::View<double**, Kokkos::LayoutRight>;
-using Idx = Kokkos::View<std::int64_t**, Kokkos::LayoutRight>;
-using Mats = Kokkos::View<double***, Kokkos::LayoutRight>;
+// Host views: the MPI backend moves host memory (also in a CUDA build of Kokkos).
+using Rows = Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+using Idx = Kokkos::View<std::int64_t**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+using Mats = Kokkos::View<double***, Kokkos::LayoutRight, Kokkos::HostSpace>;
+using Vec = Kokkos::View<double*, Kokkos::HostSpace>;
 
 /// T tokens of width H routed to k of E linear experts.
 struct SyntheticMoe {
@@ -38,12 +40,12 @@ struct SyntheticMoe {
 struct MoeResult {
   Rows y, dx;
   Mats dA;                                  // [experts held, H, H]
-  Kokkos::View<double*> g;                  // [E]: d loss / d routing weight, summed per expert (a "router" gradient)
+  Vec g;                  // [E]: d loss / d routing weight, summed per expert (a "router" gradient)
 };
 
 /// Single-rank reference over all T tokens, all E experts.
 inline MoeResult reference(const SyntheticMoe& p) {
-  MoeResult r{Rows("y", p.T, p.H), Rows("dx", p.T, p.H), Mats("dA", p.E, p.H, p.H), Kokkos::View<double*>("g", p.E)};
+  MoeResult r{Rows("y", p.T, p.H), Rows("dx", p.T, p.H), Mats("dA", p.E, p.H, p.H), Vec("g", p.E)};
   for (std::int64_t t = 0; t < p.T; ++t)
     for (int s = 0; s < p.k; ++s) {
       const auto e = p.expert(t, s);
@@ -92,7 +94,7 @@ inline MoeResult distributed(const SyntheticMoe& p, const comm::ExpertParallel& 
         for (int c = 0; c < p.H; ++c) outr(r, i) += p.a(local.begin + j, i, c) * xr(r, c);
   const Rows out = comm::combine_forward(h, outr);
   MoeResult res{Rows("y", mine.count, p.H), Rows("dx", mine.count, p.H), Mats("dA", local.count, p.H, p.H),
-                Kokkos::View<double*>("g", p.E)};
+                Vec("g", p.E)};
   Rows dout("dout", mine.count * p.k, p.H);
   for (std::int64_t t = 0; t < mine.count; ++t)
     for (int s = 0; s < p.k; ++s) {

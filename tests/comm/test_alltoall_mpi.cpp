@@ -123,7 +123,7 @@ TEST(AllToAll, RoundTripIsExactForEveryType) {
   const comm::DispatchHandle h(layout, topk);
   auto round_trip = [&](auto zero) {
     using T = decltype(zero);
-    Kokkos::View<T**, Kokkos::LayoutRight> z("z", h.num_assignments(), 3);
+    Kokkos::View<T**, Kokkos::LayoutRight, Kokkos::HostSpace> z("z", h.num_assignments(), 3);
     for (std::size_t a = 0; a < z.extent(0); ++a)
       for (int c = 0; c < 3; ++c) z(a, c) = from_float<T>(static_cast<float>(1000 * w->rank() + 10 * a + c));
     const auto back = comm::combine_forward(h, comm::dispatch_forward(h, z));
@@ -184,8 +184,8 @@ TEST(GradientSet, ClipScalesToTheMaxNorm) {
   auto w = world();
   comm::ExpertParallel layout(*w, 4);
   comm::GradientSet grads(layout);
-  Kokkos::View<double*> rep("rep", 3);
-  Kokkos::View<double*> exp("exp", layout.local_experts().count);
+  kmoe::test::Vec rep("rep", 3);
+  kmoe::test::Vec exp("exp", layout.local_experts().count);
   for (int i = 0; i < 3; ++i) rep(i) = 1.0 / w->size();  // sums to 1 over the world
   for (std::size_t j = 0; j < exp.extent(0); ++j) exp(j) = 2.0 / layout.replica_group().size();
   grads.add("rep", rep, comm::GradKind::replicated);
@@ -202,7 +202,7 @@ TEST(Gather, RowsOfEveryRankInRankOrderOnRoot) {
   const int n = w->size(), me = w->rank();
   for (int root = 0; root < n; ++root) {
     // Rank r has r rows (rank 0 none), row i of rank r holds (r, i, c).
-    Kokkos::View<std::int64_t**, Kokkos::LayoutRight> mine("mine", me, 3);
+    Kokkos::View<std::int64_t**, Kokkos::LayoutRight, Kokkos::HostSpace> mine("mine", me, 3);
     for (int i = 0; i < me; ++i)
       for (int c = 0; c < 3; ++c) mine(i, c) = 100 * me + 10 * i + c;
     const auto all = comm::gather_rows(*w, mine, root);

@@ -17,7 +17,7 @@
 namespace {
 
 using namespace kmoe;
-using Exec = Kokkos::DefaultExecutionSpace;
+using Exec = Kokkos::DefaultHostExecutionSpace;  // host views: the MPI backend moves host memory
 using Weights = moe::MoeWeights<double, Exec>;
 using Matrix = Weights::views::matrix;
 using Tensor3 = Weights::views::tensor3;

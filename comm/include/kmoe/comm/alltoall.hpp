@@ -11,8 +11,9 @@
 ///                      token for dx)
 /// Within one local expert the received rows are ordered by source rank, then by the source's assignment order, so with
 /// tokens split contiguously over the ranks the rows of an expert come in the same order as in a single-process run.
-/// Data views live in Kokkos' default memory space and must be host-accessible for the MPI backend (device memory for
-/// NCCL); every call blocks until the data is in place (it fences Kokkos and synchronizes the communicator).
+/// The transports run on the execution space of the data's memory space (RowView::execution_space) and return views in
+/// the same memory space: host views for the MPI backend (or a CUDA-aware MPI), device views for NCCL. Every call
+/// blocks until the data is in place (it fences Kokkos and synchronizes the communicator).
 #pragma once
 
 #include <kmoe/comm/communicator.hpp>
@@ -34,16 +35,17 @@ enum class RowOrder {
 };
 
 /// The rows a transport returns for input rows of type RowView: a new LayoutRight view of the same (non-const) element
-/// type in Kokkos' default memory space.
+/// type in RowView's memory space.
 template <class RowView>
 using RowsOf = Kokkos::View<typename RowView::non_const_value_type**, Kokkos::LayoutRight,
-                            Kokkos::DefaultExecutionSpace::memory_space>;
+                            typename RowView::memory_space>;
 
 /// The layout of one dispatch, computed once and reused by combine and by both backward passes (no second count
 /// exchange). Holds a reference to the ep group communicator, which must outlive it.
 class DispatchHandle {
  public:
   using IndexView = Kokkos::View<std::int64_t*, Kokkos::DefaultExecutionSpace::memory_space>;
+  using HostIndexView = Kokkos::View<std::int64_t*, Kokkos::HostSpace>;
 
   /// Plans the dispatch of `topk_idx` (T x k expert ids, each in [0, E)) over `ep_group`. Collective over ep_group:
   /// exchanges the counts per (peer, expert). Throws kmoe::InputError naming the token and value for an expert id out
@@ -78,6 +80,9 @@ class DispatchHandle {
   const IndexView& send_assignment() const { return send_assignment_; }
   /// grouped_source()(j): the position in the received (source-major) buffer of grouped row j.
   const IndexView& grouped_source() const { return grouped_source_; }
+  /// Host copies of the two permutations (the same allocations when the default memory space is the host's).
+  const HostIndexView& send_assignment_host() const { return send_assignment_host_; }
+  const HostIndexView& grouped_source_host() const { return grouped_source_host_; }
 
  private:
   void plan(const std::int64_t* topk_host, const ExpertPlacement& placement);
@@ -88,6 +93,7 @@ class DispatchHandle {
   Range local_;
   std::vector<std::int64_t> send_counts_, send_offsets_, recv_counts_, recv_offsets_, grouped_offsets_;
   IndexView send_assignment_, grouped_source_;
+  HostIndexView send_assignment_host_, grouped_source_host_;
 };
 
 /// Moves token rows to the ranks that own their experts, grouped by local expert.

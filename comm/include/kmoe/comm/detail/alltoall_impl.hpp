@@ -22,44 +22,63 @@ std::vector<Index> to_host_row_major(const IdxView& v) {
   return out;
 }
 
-/// Rows x columns, columns fastest (row-major data): no integer division per element.
-using Rows2D = Kokkos::MDRangePolicy<Kokkos::DefaultExecutionSpace, Kokkos::Rank<2, Kokkos::Iterate::Right, Kokkos::Iterate::Right>,
-                                     Kokkos::IndexType<Index>>;
+/// Rows x columns on Exec, columns fastest (row-major data): no integer division per element.
+template <class Exec>
+using Rows2D =
+    Kokkos::MDRangePolicy<Exec, Kokkos::Rank<2, Kokkos::Iterate::Right, Kokkos::Iterate::Right>, Kokkos::IndexType<Index>>;
+
+/// The handle's permutations where Exec can read them: the default memory space's copy or the host copy.
+template <class Exec>
+auto send_assignment_for(const DispatchHandle& h) {
+  if constexpr (Kokkos::SpaceAccessibility<Exec, DispatchHandle::IndexView::memory_space>::accessible)
+    return h.send_assignment();
+  else
+    return h.send_assignment_host();
+}
+template <class Exec>
+auto grouped_source_for(const DispatchHandle& h) {
+  if constexpr (Kokkos::SpaceAccessibility<Exec, DispatchHandle::IndexView::memory_space>::accessible)
+    return h.grouped_source();
+  else
+    return h.grouped_source_host();
+}
 
 /// The source row of row i: index(i) / div, or i itself when identity.
+template <class IndexView>
 struct SourceRow {
-  DispatchHandle::IndexView index;
+  IndexView index;
   Index div = 1;
   bool identity = false;
   KOKKOS_INLINE_FUNCTION Index operator()(Index i) const { return identity ? i : index(i) / div; }
 };
+template <class IndexView>
+SourceRow<IndexView> source_row(const IndexView& index, Index div, bool identity) {
+  return SourceRow<IndexView>{index, div, identity};
+}
 
-/// dst(i, :) = src(from(i), :) for every row i of dst.
-template <class Dst, class Src>
-void gather_rows(const Dst& dst, const Src& src, const SourceRow& from) {
+/// dst(i, :) = src(from(i), :) for every row i of dst, on Exec.
+template <class Exec, class Dst, class Src, class From>
+void gather_rows(const Dst& dst, const Src& src, const From& from) {
   const Index n = static_cast<Index>(dst.extent(0)), w = static_cast<Index>(dst.extent(1));
   if (n == 0 || w == 0) return;
   Kokkos::parallel_for(
-      "kmoe::comm::gather_rows", Rows2D({0, 0}, {n, w}),
+      "kmoe::comm::gather_rows", Rows2D<Exec>({0, 0}, {n, w}),
       KOKKOS_LAMBDA(const Index i, const Index c) { dst(i, c) = src(from(i), c); });
 }
 
-/// dst(index(i), :) = src(i, :) for every row i of src (index is a permutation: no two rows collide).
-template <class Dst, class Src>
-void scatter_rows(const Dst& dst, const Src& src, const DispatchHandle::IndexView& index) {
+/// dst(index(i), :) = src(i, :) for every row i of src, on Exec (index is a permutation: no two rows collide).
+template <class Exec, class Dst, class Src, class IndexView>
+void scatter_rows(const Dst& dst, const Src& src, const IndexView& index) {
   const Index n = static_cast<Index>(src.extent(0)), w = static_cast<Index>(src.extent(1));
   if (n == 0 || w == 0) return;
   Kokkos::parallel_for(
-      "kmoe::comm::scatter_rows", Rows2D({0, 0}, {n, w}),
+      "kmoe::comm::scatter_rows", Rows2D<Exec>({0, 0}, {n, w}),
       KOKKOS_LAMBDA(const Index i, const Index c) { dst(index(i), c) = src(i, c); });
 }
 
 template <class RowView>
-void check_rows(const RowView& rows, const char* fn) {
+void check_rows(const RowView&) {
   static_assert(RowView::rank == 2, "kmoe::comm transports take rank-2 Views [rows, width]");
-  static_assert(Kokkos::SpaceAccessibility<Kokkos::DefaultExecutionSpace, typename RowView::memory_space>::accessible,
-                "kmoe::comm transports take Views that Kokkos' default execution space can read");
-  (void)fn;
 }
 
 /// One alltoallv of whole rows (counts in rows), then waits: Kokkos' kernels and the communicator's stream may differ.
@@ -88,7 +107,8 @@ DispatchHandle::DispatchHandle(const ExpertParallel& layout, const IdxView& topk
 
 template <class RowView>
 RowsOf<RowView> dispatch_forward(const DispatchHandle& h, const RowView& rows, RowOrder order) {
-  detail::check_rows(rows, "dispatch_forward");
+  detail::check_rows(rows);
+  using Exec = typename RowView::execution_space;
   const auto n = static_cast<std::int64_t>(rows.extent(0));
   KMOE_CHECK_USAGE(n == h.num_assignments() || n == h.num_tokens(), "kmoe::comm::dispatch_forward: rows has ", n,
                    " rows; expected ", h.num_tokens(), " (tokens) or ", h.num_assignments(), " (tokens x k)");
@@ -99,18 +119,19 @@ RowsOf<RowView> dispatch_forward(const DispatchHandle& h, const RowView& rows, R
   Out recv(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::dispatch_recv"), h.num_received(), width);
   Out out(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::dispatched"), h.num_received(), width);
   // Send order is RowOrder::expert: rows in that order are sent as they are.
-  detail::gather_rows(send, rows,
-                      detail::SourceRow{h.send_assignment(), per_assignment ? 1 : h.top_k(),
-                                        per_assignment && order == RowOrder::expert});
+  detail::gather_rows<Exec>(send, rows,
+                            detail::source_row(detail::send_assignment_for<Exec>(h), per_assignment ? 1 : h.top_k(),
+                                               per_assignment && order == RowOrder::expert));
   detail::exchange(h.communicator(), send, h.send_counts(), h.send_offsets(), recv, h.recv_counts(), h.recv_offsets());
-  detail::gather_rows(out, recv, detail::SourceRow{h.grouped_source(), 1, false});
+  detail::gather_rows<Exec>(out, recv, detail::source_row(detail::grouped_source_for<Exec>(h), 1, false));
   Kokkos::fence();
   return out;
 }
 
 template <class RowView>
 RowsOf<RowView> combine_forward(const DispatchHandle& h, const RowView& grouped, RowOrder order) {
-  detail::check_rows(grouped, "combine_forward");
+  detail::check_rows(grouped);
+  using Exec = typename RowView::execution_space;
   KMOE_CHECK_USAGE(static_cast<std::int64_t>(grouped.extent(0)) == h.num_received(),
                    "kmoe::comm::combine_forward: grouped rows has ", grouped.extent(0), " rows; the dispatch delivered ",
                    h.num_received());
@@ -118,12 +139,12 @@ RowsOf<RowView> combine_forward(const DispatchHandle& h, const RowView& grouped,
   using Out = RowsOf<RowView>;
   Out recv(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::combine_send"), h.num_received(), width);
   Out send(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::combine_recv"), h.num_assignments(), width);
-  detail::scatter_rows(recv, grouped, h.grouped_source());
+  detail::scatter_rows<Exec>(recv, grouped, detail::grouped_source_for<Exec>(h));
   // The reverse route: what arrived from peer q goes back to q, in send order (= RowOrder::expert).
   detail::exchange(h.communicator(), recv, h.recv_counts(), h.recv_offsets(), send, h.send_counts(), h.send_offsets());
   if (order == RowOrder::expert) return send;
   Out out(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::comm::combined"), h.num_assignments(), width);
-  detail::scatter_rows(out, send, h.send_assignment());
+  detail::scatter_rows<Exec>(out, send, detail::send_assignment_for<Exec>(h));
   Kokkos::fence();
   return out;
 }
