@@ -103,6 +103,16 @@ template <class T, class ExecSpace>
 DistributedMoe<T, ExecSpace>::DistributedMoe(const ExpertParallel& layout, moe::MoeWeights<T, ExecSpace> weights,
                                              moe::MoeOptions options, ExecSpace space)
     : layout_(&layout), layer_(std::move(weights), options, space) {
+  constexpr bool host_data =
+      Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename ExecSpace::memory_space>::accessible;
+  // The communicator reads the layer's buffers directly: their memory must be the kind it moves.
+  const bool device_comm = layout.ep_group().uses_device_memory();
+  KMOE_CHECK_USAGE(!(device_comm && host_data), "kmoe::comm::DistributedMoe: the ", layout.ep_group().backend(),
+                   " communicator moves device memory, but ", ExecSpace::name(),
+                   " keeps its data on the host: run the layer on a device execution space");
+  KMOE_CHECK_USAGE(device_comm || host_data, "kmoe::comm::DistributedMoe: the ", layout.ep_group().backend(),
+                   " communicator moves host memory, but ", ExecSpace::name(),
+                   " keeps its data on the device: use a host execution space (e.g. --backend openmp) or NCCL");
   const auto mine = layout.local_experts();
   const auto& w = layer_.weights();
   KMOE_CHECK_INPUT(w.num_experts() == layout.placement().num_experts(), "kmoe::comm::DistributedMoe: the router has ",
