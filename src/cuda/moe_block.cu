@@ -3,9 +3,26 @@
 // step waits for the host, the cuBLAS engine waits once per forward for the group offsets (kernels.hpp, GemmEngine).
 #include "common.cuh"
 
+#include <nvtx3/nvToolsExt.h>
+
+#include <string>
+
 namespace kmoe::core::cuda {
 
 namespace {
+
+/// A profiling range named after the API and the path taken (STYLE habit 7), e.g. kmoe::moe_forward[cuda,padded,cublas].
+class Range {
+ public:
+  Range(const char* api, const MoeSaved& m) {
+    const std::string name = std::string(api) + "[cuda," + (m.path == MoePath::Padded ? "padded," : "scattered,") +
+                             (m.cublas ? "cublas]" : "kernel]");
+    nvtxRangePushA(name.c_str());
+  }
+  ~Range() { nvtxRangePop(); }
+  Range(const Range&) = delete;
+  Range& operator=(const Range&) = delete;
+};
 
 std::size_t align256(std::size_t b) { return (b + 255) / 256 * 256; }
 
@@ -207,6 +224,7 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, c
                                     sizeof(std::int64_t) * (s.experts + 1), cudaMemcpyDeviceToHost, stream));
     KMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
+  const Range range("kmoe::moe_forward", m);
   // x in expert order: padded blocks (MegaBlocks), or sorted rows when cuBLAS cannot read rows through the plan.
   const bool gathered = padded || m.cublas;
   if (gathered)
@@ -281,6 +299,7 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   void* route_work = take(routing_backward_workspace_bytes(s.tokens, s.experts));
   auto* shared_scratch = static_cast<bf16_t*>(take(sizeof(bf16_t) * s.tokens * 3 * std::int64_t(s.shared_ffn)));
 
+  const Range range("kmoe::moe_backward", m);
   const std::int64_t* out_row = out_row_map(m);  // pair -> row of m.out
   const bool gathered = padded || m.cublas;
   // y = sum_s w_s out_s: d w_s = <dy, out_s>; d out_s = w_s dy, laid out like the expert rows (sorted or padded).

@@ -80,9 +80,13 @@ void gemm(const ExecSpace& space, char trans_a, char trans_b, typename CV::non_c
                    "kmoe::core::gemm: op(A) is [", m, ",", k, "], op(B) is [", kb, ",", n, "], C is [", c.extent(0), ",",
                    c.extent(1), "]");
   if (m == 0 || n == 0) return;
-  constexpr bool blas_type = std::is_same<T, float>::value || std::is_same<T, double>::value;
+  // The BLAS needs A, B and C of one float/double type (bf16 operands with a float C take the portable kernel);
+  // `if constexpr` keeps KokkosBlas::gemm from being instantiated for the others.
+  constexpr bool blas_type = (std::is_same<T, float>::value || std::is_same<T, double>::value) &&
+                             std::is_same<typename AV::non_const_value_type, T>::value &&
+                             std::is_same<typename BV::non_const_value_type, T>::value;
   const bool use_blas = blas_type && algo != GemmAlgo::Kokkos && k > 0;
-  if (use_blas) {
+  if constexpr (blas_type) if (use_blas) {
     // The BLAS takes int sizes and leading dimensions.
     KMOE_CHECK_INPUT(m < INT_MAX && n < INT_MAX && k < INT_MAX && a.stride(0) < INT_MAX && b.stride(0) < INT_MAX &&
                          c.stride(0) < INT_MAX,

@@ -146,3 +146,9 @@ void routing_backward(const ExecSpace& space, const XV& x, const GV& gate, const
 }
 
 }  // namespace kmoe::core
+
+// The CUDA backend's overloads (selected by execution space and value types; GemmAlgo::Kokkos forces this file's).
+#include <kmoe/config.hpp>
+#if KMOE_ENABLE_CUDA
+#include <kmoe/core/cuda/routing.hpp>
+#endif
