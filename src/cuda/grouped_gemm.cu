@@ -23,9 +23,11 @@ using detail::cp_async16;
 
 constexpr int BM = kGemmTileRows;  // 128 rows of C per block
 constexpr int BN = 128;
-constexpr int BK = 32;
+constexpr int BK = 64;  // 32 measured 140 TFLOP/s; 64 halves the barriers per MMA (perf/RESULTS.md)
 constexpr int kStages = 3;
 constexpr int kThreads = 256;   // 8 warps: 2 (rows) x 4 (cols), each 64x32 = 4x2 fragments
+constexpr int kChunksPerThread = BM * BK / 8 / kThreads;  // 16-byte chunks of one operand tile per thread
+static_assert(BM == BN && BM * BK / 8 % kThreads == 0, "tile loads split evenly over the threads");
 constexpr int LDA = BK + 8;     // smem leading dims (+8 bf16 = 16 bytes: staggers banks, keeps 32-byte alignment)
 constexpr int LDB_T = BK + 8;
 constexpr int LDB_N = BN + 8;
@@ -92,11 +94,12 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GroupedGem
   auto b_row = [&](std::int64_t j) { return j < split ? b0 + j * row_len : b1 + (j - split) * row_len; };
   const auto* A = reinterpret_cast<const __nv_bfloat16*>(args.a);
 
-  // Each thread loads 2 chunks of A per stage (rows tid/4 and tid/4 + 64, k chunk tid%4): resolve its rows once.
-  const __nv_bfloat16* a_src[2];
+  // Each thread loads kChunksPerThread chunks of A per stage, always the same rows: resolve them once.
+  constexpr int kRowChunks = BK / 8, kRowsPerPass = kThreads / kRowChunks;
+  const __nv_bfloat16* a_src[kChunksPerThread];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const std::int64_t r = rt.row0 + tid / 4 + i * 64;
+  for (int i = 0; i < kChunksPerThread; ++i) {
+    const std::int64_t r = rt.row0 + tid / kRowChunks + i * kRowsPerPass;
     a_src[i] = nullptr;
     if (r < rt.row_end) {
       std::int64_t src = r;
@@ -112,23 +115,23 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GroupedGem
     __nv_bfloat16* As = smem + stage * (kStageA + kStageB);
     __nv_bfloat16* Bs = As + kStageA;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int rl = tid / 4 + i * 64, kc = (tid % 4) * 8;
+    for (int i = 0; i < kChunksPerThread; ++i) {
+      const int rl = tid / kRowChunks + i * kRowsPerPass, kc = (tid % kRowChunks) * 8;
       const int bytes = a_src[i] ? chunk_bytes(k0 + kc, K) : 0;
       cp_async16(As + rl * LDA + kc, bytes ? a_src[i] + k0 + kc : A, bytes);
     }
     if (BTrans) {  // B tile: BN stored rows (n) x BK (k)
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int nl = tid / 4 + i * 64, kc = (tid % 4) * 8;
+      for (int i = 0; i < kChunksPerThread; ++i) {
+        const int nl = tid / kRowChunks + i * kRowsPerPass, kc = (tid % kRowChunks) * 8;
         const std::int64_t n = n0 + nl;
         const int bytes = n < N ? chunk_bytes(k0 + kc, K) : 0;
         cp_async16(Bs + nl * LDB_T + kc, bytes ? b_row(n) + k0 + kc : b0, bytes);
       }
     } else {  // B tile: BK stored rows (k) x BN (n)
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int c = tid + i * kThreads, kl = c / 16, nc = (c % 16) * 8;
+      for (int i = 0; i < kChunksPerThread; ++i) {
+        const int c = tid + i * kThreads, kl = c / (BN / 8), nc = (c % (BN / 8)) * 8;
         const std::int64_t kk = k0 + kl;
         const int bytes = kk < K ? chunk_bytes(n0 + nc, N) : 0;
         cp_async16(Bs + kl * LDB_N + nc, bytes ? b_row(kk) + n0 + nc : b0, bytes);
@@ -236,13 +239,13 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tn_kernel(const Grouped
     const std::int64_t ix = index[r];
     return ix < 0 ? -1 : ix / div;
   };
-  // Per stage: A tile [BK rows][BM cols of m], B tile [BK rows][BN cols of n]; 512 chunks each, 2 per thread.
+  // Per stage: A tile [BK rows][BM cols of m], B tile [BK rows][BN cols of n]; kChunksPerThread chunks each per thread.
   auto load_stage = [&](int stage, std::int64_t r0) {
     __nv_bfloat16* As = smem + stage * 2 * kStageTN;
     __nv_bfloat16* Bs = As + kStageTN;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int c = tid + i * kThreads, rl = c / 16, cc = (c % 16) * 8;
+    for (int i = 0; i < kChunksPerThread; ++i) {
+      const int c = tid + i * kThreads, rl = c / (BM / 8), cc = (c % (BM / 8)) * 8;
       const std::int64_t r = r0 + rl;
       const std::int64_t ra = r < r_end ? src_row(args.a_index, args.a_div, r) : -1;
       const std::int64_t rb = r < r_end ? src_row(args.b_index, args.b_div, r) : -1;
