@@ -62,7 +62,8 @@ class AdamW {
   /// Second moment v (exp_avg_sq).
   const MoeWeights<T, ExecSpace>& exp_avg_sq() const { return exp_avg_sq_; }
 
- private:
+  /// One tensor's update (internal). Public only because nvcc rejects an extended device lambda inside a private
+  /// member function ("cannot have private or protected access"), which a CUDA build of kmoe hits.
   template <class V>
   void update(const V& p, const V& g, const V& m, const V& v, double bc1, double bc2) const {
     const std::size_t n = p.span();
@@ -83,6 +84,7 @@ class AdamW {
         });
   }
 
+ private:
   AdamWOptions options_;
   MoeWeights<T, ExecSpace> exp_avg_, exp_avg_sq_;
   std::int64_t step_ = 0;
