@@ -23,10 +23,14 @@ struct Shape {
 };
 
 // Mixtral-8x7B-like and fine-grained (DeepSeek/Qwen-MoE-like) layers; tokens = one training micro-batch.
+// The last three are issue 10's shapes (peers.py times transformers on the same ones).
 const Shape kShapes[] = {
     {"mixtral_T4096", 4096, 4096, 14336, 8, 2},
     {"finegrained_T8192", 8192, 2048, 1536, 64, 8},
     {"small_T2048", 2048, 1024, 512, 16, 2},
+    {"mixtral_T8192", 8192, 4096, 14336, 8, 2},
+    {"mixtral_T2048", 2048, 4096, 14336, 8, 2},
+    {"finegrained_F768_T8192", 8192, 2048, 768, 64, 8},
 };
 
 void* dalloc(std::size_t bytes) {
