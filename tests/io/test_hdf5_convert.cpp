@@ -26,26 +26,7 @@ std::vector<fs::path> hf_dirs() {
   return dirs;
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
-// Every file of `original` has a byte-identical twin in `converted`, and nothing else is there.
-void expect_same_files(const fs::path& original, const fs::path& converted) {
-  std::size_t n = 0;
-  for (const auto& e : fs::directory_iterator(original)) {
-    const fs::path twin = converted / e.path().filename();
-    ASSERT_TRUE(fs::exists(twin)) << twin;
-    EXPECT_TRUE(slurp(e.path()) == slurp(twin)) << "differs: " << twin;
-    ++n;
-  }
-  std::size_t m = 0;
-  for (const auto& e : fs::directory_iterator(converted)) m += e.is_regular_file() ? 1 : 0;
-  EXPECT_EQ(m, n) << converted;
-}
 
 // One process saves the whole model state of `hf` at step 0 (every expert, every tensor), weights as float;
 // `perturb` may change the MoE weights before saving.
@@ -76,13 +57,13 @@ TEST(Hdf5Convert, UnchangedWeightsReproduceEveryFileByteForByte) {
     kmoe::io::check_same_model(ck, hf);
     EXPECT_EQ(kmoe::io::moe_layers(ck), kmoe::io::find_moe_layers(hf, kmoe::io::spec_for(ck.architecture())));
     kmoe::io::convert_to_hf(ck, tmp.path() / "hf", src);
-    expect_same_files(src, tmp.path() / "hf");
+    kmoe::test::expect_same_files(src, tmp.path() / "hf");
     // Without the original directory: the config files recorded in the checkpoint.
     kmoe::io::convert_to_hf(ck, tmp.path() / "hf2");
-    expect_same_files(src, tmp.path() / "hf2");
+    kmoe::test::expect_same_files(src, tmp.path() / "hf2");
     // Converting again over an existing directory replaces it atomically.
     kmoe::io::convert_to_hf(ck, tmp.path() / "hf", src);
-    expect_same_files(src, tmp.path() / "hf");
+    kmoe::test::expect_same_files(src, tmp.path() / "hf");
   }
 }
 

@@ -34,23 +34,7 @@ CommandResult mpirun_kmoe(int np, const std::string& args) {
       kmoe::test::kmoe_exe().string() + " " + args);
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
-void expect_same_files(const fs::path& original, const fs::path& converted) {
-  std::size_t n = 0;
-  for (const auto& e : fs::directory_iterator(original)) {
-    const fs::path twin = converted / e.path().filename();
-    ASSERT_TRUE(fs::exists(twin)) << twin;
-    EXPECT_TRUE(slurp(e.path()) == slurp(twin)) << "differs: " << twin;
-    ++n;
-  }
-  EXPECT_EQ(static_cast<std::size_t>(std::distance(fs::directory_iterator(converted), fs::directory_iterator())), n);
-}
 
 // The "step S/N loss L" lines of a finetune run, by step.
 std::map<int, double> losses(const std::string& out) {
@@ -76,7 +60,7 @@ TEST(FinetuneCli, StepsZeroThenConvertReproducesTheCheckpointForOneTwoThreeRanks
       r = run_kmoe("convert " + (run / "checkpoint-0").string() + " " + (tmp.path() / "out").string() + " " +
                    hf_dir(set).string());
       ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-      expect_same_files(hf_dir(set), tmp.path() / "out");
+      kmoe::test::expect_same_files(hf_dir(set), tmp.path() / "out");
     }
   }
 }
@@ -123,8 +107,8 @@ TEST(FinetuneCli, LossesAgreeAcrossRankCountsFallAndResumeContinuesTheCurve) {
     const auto original = kmoe::io::HfCheckpoint::open(hf);
     const auto trained = kmoe::io::HfCheckpoint::open(out);
     const auto& spec = kmoe::io::spec_for(original.config().architecture);
-    EXPECT_EQ(slurp(hf / "config.json"), slurp(out / "config.json"));
-    EXPECT_EQ(slurp(hf / "model.safetensors.index.json"), slurp(out / "model.safetensors.index.json"));
+    EXPECT_EQ(kmoe::test::read_file_bytes(hf / "config.json"), kmoe::test::read_file_bytes(out / "config.json"));
+    EXPECT_EQ(kmoe::test::read_file_bytes(hf / "model.safetensors.index.json"), kmoe::test::read_file_bytes(out / "model.safetensors.index.json"));
     EXPECT_EQ(trained.shard_files(), original.shard_files());
     for (const auto& name : original.tensor_names()) {
       const auto& a = original.tensor(name);

@@ -30,15 +30,29 @@ CommandResult run_command(const std::string& command) {
   const int status = std::system(full.c_str());
   CommandResult r;
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-  auto slurp = [](const std::filesystem::path& p) {
-    std::ifstream f(p);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return ss.str();
-  };
-  r.out = slurp(out);
-  r.err = slurp(err);
+  r.out = read_file_bytes(out);
+  r.err = read_file_bytes(err);
   return r;
+}
+
+std::string read_file_bytes(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+void expect_same_files(const std::filesystem::path& original, const std::filesystem::path& converted) {
+  std::size_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(original)) {
+    const auto twin = converted / e.path().filename();
+    ASSERT_TRUE(std::filesystem::exists(twin)) << twin;
+    EXPECT_TRUE(read_file_bytes(e.path()) == read_file_bytes(twin)) << "differs: " << twin;
+    ++n;
+  }
+  std::size_t m = 0;
+  for (const auto& e : std::filesystem::directory_iterator(converted)) m += e.is_regular_file() ? 1 : 0;
+  EXPECT_EQ(m, n) << converted;
 }
 
 }  // namespace kmoe::test

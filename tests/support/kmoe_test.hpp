@@ -36,6 +36,12 @@ struct CommandResult {
 /// Runs `command` through /bin/sh and captures its output (stderr is not a terminal, so no progress bars).
 CommandResult run_command(const std::string& command);
 
+/// The whole content of a file as bytes ("" when it cannot be read).
+std::string read_file_bytes(const std::filesystem::path& p);
+
+/// Every file of `original` has a byte-identical twin in `converted`, and `converted` holds no other regular file.
+void expect_same_files(const std::filesystem::path& original, const std::filesystem::path& converted);
+
 /// Runs the kmoe executable with the given argument string.
 inline CommandResult run_kmoe(const std::string& args) { return run_command(kmoe_exe().string() + " " + args); }
 
