@@ -201,8 +201,10 @@ int main(int argc, char** argv) {
         std::unique_ptr<comm::Communicator> data;
         if (o.backend == "nccl") {
 #if KMOE_ENABLE_NCCL
-          KMOE_CHECK_USAGE(!Kokkos::SpaceAccessibility<Kokkos::HostSpace, Kokkos::DefaultExecutionSpace::memory_space>::accessible,
-                           "bench_alltoall: --backend nccl needs a CUDA build of Kokkos (device views)");
+          // named first: the template argument list's comma would split the macro's arguments
+          constexpr bool host_views =
+              Kokkos::SpaceAccessibility<Kokkos::HostSpace, Kokkos::DefaultExecutionSpace::memory_space>::accessible;
+          KMOE_CHECK_USAGE(!host_views, "bench_alltoall: --backend nccl needs a CUDA build of Kokkos (device views)");
           data = comm::NcclCommunicator::world();
 #else
           throw UsageError("bench_alltoall: --backend nccl: this kmoe was built without NCCL (KMOE_ENABLE_NCCL=OFF)");

@@ -34,10 +34,7 @@ date -u +%Y-%m-%dT%H:%MZ
 echo "== unpack"
 # The binaries hold the absolute paths they were built with (/work/gpu-src or /work/main sources, /work/main/build-gpu,
 # /work/shared/testdata): recreate them here as links when free.
-tar xzf .carry/kmoe-gpu-build.tgz -C "$repo"
-mkdir -p /work
-for p in /work/main /work/gpu-src; do [ -e "$p" ] || ln -s "$repo" "$p"; done
-[ -e /work/shared ] || ln -s "$repo/.carry/shared" /work/shared
+source perf/device/unpack.sh
 ls -la /work
 
 echo "== tests"

@@ -3,6 +3,8 @@
 // Row-major C[M,N] = A·op(B) is computed as the column-major Cᵀ = op(B)ᵀ·Aᵀ, so no operand is copied.
 #include "common.cuh"
 
+#include <cstdlib>
+
 namespace kmoe::core::cuda::detail {
 
 namespace {
@@ -17,6 +19,88 @@ cublasHandle_t handle_for(cudaStream_t stream) {
   KMOE_CUBLAS_CHECK(cublasSetStream(handles[dev], stream));
   return handles[dev];
 }
+
+/// Streams the per-expert GEMMs are spread over: KMOE_CUBLAS_STREAMS (1..8, default 1 = all on the caller's stream).
+/// Small experts (fine-grained MoE: ~1000 rows, N = F = 768) give cuBLAS fewer 128-row tiles than the H100 has SMs, so
+/// one expert's GEMM leaves most of the chip idle; on several streams the experts' GEMMs run side by side.
+int engine_streams() {
+  static const int n = [] {
+    const char* e = std::getenv("KMOE_CUBLAS_STREAMS");
+    const int v = e ? std::atoi(e) : 1;
+    return v < 1 ? 1 : (v > 8 ? 8 : v);
+  }();
+  return n;
+}
+
+/// Side streams (non-blocking) with one cuBLAS handle each (a handle's workspace must not be shared between streams
+/// running at the same time), per host thread and device, and the events that fork from and join to the caller's
+/// stream. fork(): every side stream waits for the work enqueued so far; join(): the caller's stream waits for them.
+class SideStreams {
+ public:
+  static SideStreams& get() {
+    static thread_local SideStreams per_device[16];
+    int dev = 0;
+    KMOE_CUDA_CHECK(cudaGetDevice(&dev));
+    SideStreams& s = per_device[dev];
+    s.init(engine_streams());
+    return s;
+  }
+  int size() const { return n_; }
+  cublasHandle_t handle(int i) const { return handles_[i]; }
+  cudaStream_t stream(int i) const { return streams_[i]; }
+  void fork(cudaStream_t main) {
+    KMOE_CUDA_CHECK(cudaEventRecord(fork_, main));
+    for (int i = 0; i < n_; ++i) KMOE_CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
+  }
+  void join(cudaStream_t main) {
+    for (int i = 0; i < n_; ++i) {
+      KMOE_CUDA_CHECK(cudaEventRecord(join_[i], streams_[i]));
+      KMOE_CUDA_CHECK(cudaStreamWaitEvent(main, join_[i], 0));
+    }
+  }
+
+ private:
+  void init(int n) {
+    if (n_ == n) return;
+    KMOE_ASSERT(n_ == 0 && n <= 8, "side streams are created once");
+    KMOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    for (int i = 0; i < n; ++i) {
+      KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking));
+      KMOE_CUDA_CHECK(cudaEventCreateWithFlags(&join_[i], cudaEventDisableTiming));
+      KMOE_CUBLAS_CHECK(cublasCreate(&handles_[i]));
+      KMOE_CUBLAS_CHECK(cublasSetStream(handles_[i], streams_[i]));
+    }
+    n_ = n;
+  }
+  int n_ = 0;
+  cudaEvent_t fork_ = nullptr;
+  cudaStream_t streams_[8] = {};
+  cudaEvent_t join_[8] = {};
+  cublasHandle_t handles_[8] = {};
+};
+
+/// Where group g's GEMMs go: the caller's stream and handle, or side stream g % n (between fork and join).
+struct GroupStreams {
+  explicit GroupStreams(cudaStream_t main) : main_(main) {
+    if (engine_streams() > 1) {
+      side_ = &SideStreams::get();
+      side_->fork(main);
+    } else {
+      h_ = handle_for(main);
+    }
+  }
+  /// The caller's stream waits for the side streams (call once, after the last GEMM).
+  void join() const {
+    if (side_) side_->join(main_);
+  }
+  cublasHandle_t handle(int g) const { return side_ ? side_->handle(g % side_->size()) : h_; }
+  cudaStream_t stream(int g) const { return side_ ? side_->stream(g % side_->size()) : main_; }
+
+ private:
+  cudaStream_t main_;
+  SideStreams* side_ = nullptr;
+  cublasHandle_t h_ = nullptr;
+};
 
 /// Row-major C[m,n] (ldc) = alpha · A[m,k] (lda, row-major) · op(B) + beta · C, op(B) = Bᵀ with B [n,k] (ldb) when
 /// b_trans, else B [k,n] (ldb). C is bf16 or fp32.
@@ -38,7 +122,7 @@ void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_
   const HoldFpExceptions hold;
   KMOE_ASSERT(a.a_index == nullptr && a.c_index == nullptr, "the cuBLAS engine takes unindexed rows");
   KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
-  cublasHandle_t h = handle_for(stream);
+  const GroupStreams gs(stream);
   const std::int64_t N = a.n, K = a.k;
   const std::int64_t stored_rows = a.b_trans ? N : K, row_len = a.b_trans ? K : N;
   const std::int64_t split = a.b1 ? a.b_split : stored_rows;
@@ -49,6 +133,7 @@ void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_
   for (int g = 0; g < a.groups; ++g) {
     const std::int64_t r0 = off[g], rows = off[g + 1] - off[g];
     if (rows == 0) continue;
+    cublasHandle_t h = gs.handle(g);
     const bf16_t* A = a.a + r0 * a.lda;
     auto* C = static_cast<unsigned char*>(c_base) + std::size_t(r0 * a.ldc) * c_elem;
     const bf16_t* b0 = a.b0 + std::int64_t(g) * split * row_len;
@@ -65,34 +150,36 @@ void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_
       gemm_rm(h, false, rows, N, K - split, A + split, a.lda, b1, row_len, 1.f, C, f32, a.ldc);
     }
   }
+  gs.join();
 }
 
 void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::int64_t>& off, cudaStream_t stream) {
   const HoldFpExceptions hold;
   KMOE_ASSERT(a.a_index == nullptr && a.b_index == nullptr, "the cuBLAS engine takes unindexed rows");
   KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
-  cublasHandle_t h = handle_for(stream);
+  const GroupStreams gs(stream);
   const std::int64_t M = a.m, N = a.n;
   const std::int64_t split = a.c1 ? a.c_split : M;
   const float alpha = 1.f, beta = 0.f;
   // C_g[m0:m1, :] = A[rows, m0:m1]ᵀ · B[rows, :]  (column-major: Cᵀ = Bᵀ·A)
-  auto part = [&](const bf16_t* A, std::int64_t rows, const bf16_t* B, std::int64_t m, float* C) {
+  auto part = [&](int g, const bf16_t* A, std::int64_t rows, const bf16_t* B, std::int64_t m, float* C) {
     if (m == 0 || N == 0) return;
     if (rows == 0) {
-      KMOE_CUDA_CHECK(cudaMemsetAsync(C, 0, sizeof(float) * m * N, stream));
+      KMOE_CUDA_CHECK(cudaMemsetAsync(C, 0, sizeof(float) * m * N, gs.stream(g)));
       return;
     }
-    KMOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, int(N), int(m), int(rows), &alpha, B, CUDA_R_16BF,
-                                   int(a.ldb), A, CUDA_R_16BF, int(a.lda), &beta, C, CUDA_R_32F, int(N),
+    KMOE_CUBLAS_CHECK(cublasGemmEx(gs.handle(g), CUBLAS_OP_N, CUBLAS_OP_T, int(N), int(m), int(rows), &alpha, B,
+                                   CUDA_R_16BF, int(a.ldb), A, CUDA_R_16BF, int(a.lda), &beta, C, CUDA_R_32F, int(N),
                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   };
   for (int g = 0; g < a.groups; ++g) {
     const std::int64_t r0 = off[g], rows = off[g + 1] - off[g];
     const bf16_t* A = a.a + r0 * a.lda;
     const bf16_t* B = a.b + r0 * a.ldb;
-    part(A, rows, B, split, a.c0 + std::int64_t(g) * split * N);
-    if (a.c1) part(A + split, rows, B, M - split, a.c1 + std::int64_t(g) * (M - split) * N);
+    part(g, A, rows, B, split, a.c0 + std::int64_t(g) * split * N);
+    if (a.c1) part(g, A + split, rows, B, M - split, a.c1 + std::int64_t(g) * (M - split) * N);
   }
+  gs.join();
 }
 
 }  // namespace kmoe::core::cuda::detail

@@ -1,0 +1,265 @@
+// kmoe's half of issue 10's table: times kmoe's CUDA MoE block (forward + backward w.r.t. x and every weight, router
+// included) on the issue's shapes and prints one JSON line per (shape, path) in the schema of perf/device/peers.py, so
+// `compare.py peers.jsonl kmoe.jsonl` puts kmoe next to the peers and the dense roofline of the same run.
+//
+//   moe_peer_bench [--shapes mixtral-T8192,mixtral-T2048,finegrained-T8192] [--paths scatter,padded]
+//                  [--engine auto|kernel|cublas] [--warmup 5] [--reps 30] [--seed 0]
+//
+// Definitions (docs/perf.md, "Peers and the dense roofline"; the same as peers.py):
+// - ms: CUDA events around each step after the warm-up steps; median (and min) of --reps steps.
+// - tflops = 18*T*k*H*F / median time (expert GEMM FLOPs only; the router is not counted).
+// - extra_mem_bytes = the saved activations + scratch of one step = moe_workspace_bytes(shape, path): kmoe allocates
+//   nothing else during a step (the workspace is carved once, outside the step). What the step returns and keeps
+//   (y, dx, the weight gradients) and the weights, x and dy are excluded, as in peers.py. cuBLAS' own handle
+//   workspace (allocated once per process at the first cuBLAS call, not per step) is reported apart as
+//   cublas_handle_bytes (the device memory that disappeared across the warm-up besides our own allocations).
+// Inputs: random (never zeros), made on the device; weights of standard deviation 1/sqrt(fan_in) as in peers.py.
+// impl names: kmoe-scatter (ScatterMoE layout) / kmoe-padded (MegaBlocks layout); with --engine kernel|cublas the
+// impl gains the suffix "-kernel" / "-cublas" (no goal row; a variant for the tuning notes).
+// Exit code: 0 when every row is ok, 1 otherwise, 2 bad usage.
+#include <kmoe/core/cuda/check.hpp>
+#include <kmoe/core/cuda/kernels.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace kmoe::core::cuda;
+
+struct Shape {
+  const char* id;     // peers.py's shape id
+  const char* model;  // peers.py's "shape" field
+  std::int64_t tokens;
+  int hidden, ffn, experts, k;
+};
+
+// peers.py MODELS / SHAPES (issue 10).
+const Shape kShapes[] = {
+    {"mixtral-T8192", "mixtral", 8192, 4096, 14336, 8, 2},
+    {"mixtral-T2048", "mixtral", 2048, 4096, 14336, 8, 2},
+    {"finegrained-T8192", "finegrained", 8192, 2048, 768, 64, 8},
+};
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::size_t a = 0;
+  while (a <= s.size()) {
+    const std::size_t b = std::min(s.find(',', a), s.size());
+    if (b > a) out.push_back(s.substr(a, b - a));
+    a = b + 1;
+  }
+  return out;
+}
+
+[[noreturn]] void usage(const std::string& why) {
+  std::fprintf(stderr, "moe_peer_bench: %s\n", why.c_str());
+  std::exit(2);
+}
+
+struct Device {
+  std::vector<void*> ptrs;
+  void* alloc(std::size_t bytes) {
+    void* p = nullptr;
+    KMOE_CUDA_CHECK(cudaMalloc(&p, bytes));
+    ptrs.push_back(p);
+    return p;
+  }
+  bf16_t* random_bf16(std::int64_t n, float scale, std::uint64_t seed) {
+    auto* p = static_cast<bf16_t*>(alloc(std::size_t(n) * sizeof(bf16_t)));
+    fill_random_bf16(p, n, scale, seed, nullptr);
+    return p;
+  }
+  ~Device() {
+    for (void* p : ptrs) cudaFree(p);
+  }
+};
+
+std::size_t free_bytes() {
+  std::size_t f = 0, t = 0;
+  KMOE_CUDA_CHECK(cudaMemGetInfo(&f, &t));
+  return f;
+}
+
+/// True when every float of the device array is finite.
+bool finite_f32(const float* d, std::int64_t n) {
+  std::vector<float> h(static_cast<std::size_t>(n));
+  KMOE_CUDA_CHECK(cudaMemcpy(h.data(), d, std::size_t(n) * 4, cudaMemcpyDeviceToHost));
+  return std::all_of(h.begin(), h.end(), [](float v) { return std::isfinite(v); });
+}
+
+bool finite_bf16(const bf16_t* d, std::int64_t n) {
+  std::vector<bf16_t> h(static_cast<std::size_t>(n));
+  KMOE_CUDA_CHECK(cudaMemcpy(h.data(), d, std::size_t(n) * 2, cudaMemcpyDeviceToHost));
+  // bf16 exponent all ones = inf or NaN
+  return std::none_of(h.begin(), h.end(), [](bf16_t v) { return (v & 0x7f80) == 0x7f80; });
+}
+
+struct Result {
+  double ms_median = 0, ms_min = 0;
+  std::size_t workspace = 0, cublas_handle = 0;
+  bool cublas = false, finite = false;
+};
+
+Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int reps, std::uint64_t seed) {
+  const MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
+  const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
+  Device dev;
+  const std::uint64_t base = seed * 1000 + 17;
+  bf16_t* x = dev.random_bf16(T * H, 1.f, base + 1);
+  bf16_t* dy = dev.random_bf16(T * H, 1.f, base + 2);
+  MoeWeights w;
+  w.gate = dev.random_bf16(E * H, 1.f / std::sqrt(float(H)), base + 3);
+  w.w1 = dev.random_bf16(E * F * H, 1.f / std::sqrt(float(H)), base + 4);
+  w.w3 = dev.random_bf16(E * F * H, 1.f / std::sqrt(float(H)), base + 5);
+  w.w2 = dev.random_bf16(E * H * F, 1.f / std::sqrt(float(F)), base + 6);
+  auto* y = static_cast<bf16_t*>(dev.alloc(std::size_t(T * H) * sizeof(bf16_t)));
+  MoeGrads g;
+  g.dx = static_cast<float*>(dev.alloc(std::size_t(T * H) * 4));
+  g.d_gate = static_cast<float*>(dev.alloc(std::size_t(E * H) * 4));
+  g.dw1 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
+  g.dw3 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
+  g.dw2 = static_cast<float*>(dev.alloc(std::size_t(E * H * F) * 4));
+  Result r;
+  r.workspace = moe_workspace_bytes(shape, path);
+  void* work = dev.alloc(r.workspace);
+  MoeSaved saved = moe_carve(work, shape, path);
+  saved.engine = engine;
+  auto step = [&] {
+    moe_forward(x, w, saved, y, nullptr);
+    moe_backward(x, w, saved, dy, g, nullptr);
+  };
+  KMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::size_t free_before = free_bytes();
+  for (int i = 0; i < std::max(warmup, 1); ++i) step();
+  KMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::size_t free_after = free_bytes();
+  r.cublas_handle = free_before > free_after ? free_before - free_after : 0;
+  r.cublas = saved.cublas;
+  std::vector<cudaEvent_t> ev(2 * std::size_t(reps));
+  for (auto& e : ev) KMOE_CUDA_CHECK(cudaEventCreate(&e));
+  for (int i = 0; i < reps; ++i) {
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[2 * i]));
+    step();
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1]));
+  }
+  KMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> ms(reps);
+  for (int i = 0; i < reps; ++i) {
+    float v = 0;
+    KMOE_CUDA_CHECK(cudaEventElapsedTime(&v, ev[2 * i], ev[2 * i + 1]));
+    ms[i] = v;
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  std::vector<double> sorted = ms;
+  std::sort(sorted.begin(), sorted.end());
+  r.ms_median = reps % 2 ? sorted[reps / 2] : 0.5 * (sorted[reps / 2 - 1] + sorted[reps / 2]);
+  r.ms_min = sorted.front();
+  r.finite = finite_bf16(y, T * H) && finite_f32(g.dx, T * H) && finite_f32(g.d_gate, E * H) &&
+             finite_f32(g.dw2, E * H * F);
+  return r;
+}
+
+std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    if (c == '"' || c == '\\') o += '\\';
+    if (static_cast<unsigned char>(c) >= 0x20) o += c;
+  }
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto";
+  int warmup = 5, reps = 30;
+  std::uint64_t seed = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) usage(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--shapes") shapes = value();
+    else if (a == "--paths") paths = value();
+    else if (a == "--engine") engine_s = value();
+    else if (a == "--warmup") warmup = std::atoi(value().c_str());
+    else if (a == "--reps") reps = std::atoi(value().c_str());
+    else if (a == "--seed") seed = std::strtoull(value().c_str(), nullptr, 10);
+    else usage("unknown argument '" + a + "' (see the header of perf/device/moe_peer_bench.cpp)");
+  }
+  if (reps < 1 || warmup < 0) usage("--reps must be >= 1 and --warmup >= 0");
+  GemmEngine engine = GemmEngine::Auto;
+  std::string suffix;
+  if (engine_s == "kernel") engine = GemmEngine::Kernel, suffix = "-kernel";
+  else if (engine_s == "cublas") engine = GemmEngine::Cublas, suffix = "-cublas";
+  else if (engine_s != "auto") usage("--engine must be auto, kernel or cublas, not '" + engine_s + "'");
+  std::vector<const Shape*> todo;
+  for (const std::string& id : split(shapes)) {
+    const Shape* found = nullptr;
+    for (const Shape& s : kShapes)
+      if (id == s.id) found = &s;
+    if (!found) usage("unknown shape '" + id + "' (mixtral-T8192, mixtral-T2048, finegrained-T8192)");
+    todo.push_back(found);
+  }
+  std::vector<MoePath> path_list;
+  for (const std::string& p : split(paths)) {
+    if (p == "scatter") path_list.push_back(MoePath::Scattered);
+    else if (p == "padded") path_list.push_back(MoePath::Padded);
+    else usage("unknown path '" + p + "' (scatter, padded)");
+  }
+  if (device_count() == 0) {
+    std::fprintf(stderr, "moe_peer_bench: no CUDA device present, nothing to measure\n");
+    return 1;
+  }
+  cudaDeviceProp prop{};
+  KMOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const std::string device = prop.name;
+  std::fprintf(stderr, "moe_peer_bench: device %s; warmup %d, reps %d, engine %s\n",
+               device_description().c_str(), warmup, reps, engine_s.c_str());
+  int failures = 0;
+  for (const Shape* s : todo) {
+    for (MoePath path : path_list) {
+      const std::string impl = std::string(path == MoePath::Scattered ? "kmoe-scatter" : "kmoe-padded") + suffix;
+      const double flops = 18.0 * double(s->tokens) * s->k * double(s->hidden) * s->ffn;
+      std::string body;
+      bool ok = false;
+      try {
+        const Result r = run_one(*s, path, engine, warmup, reps, seed);
+        ok = r.finite;
+        char buf[1024];
+        std::snprintf(buf, sizeof buf,
+                      "\"ms_median\": %.6g, \"ms_min\": %.6g, \"tflops\": %.6g, \"extra_mem_bytes\": %zu, "
+                      "\"workspace_bytes\": %zu, \"cublas_handle_bytes\": %zu, \"engine\": \"%s\", "
+                      "\"dispatch\": \"kmoe::core::cuda::moe_forward/moe_backward (%s, %s engine)\"%s",
+                      r.ms_median, r.ms_min, flops / (r.ms_median * 1e-3) / 1e12, r.workspace, r.workspace,
+                      r.cublas_handle, r.cublas ? "cublas" : "kernel",
+                      path == MoePath::Scattered ? "scattered" : "padded", r.cublas ? "cublas" : "kernel",
+                      r.finite ? "" : ", \"error\": \"non-finite outputs\"");
+        body = buf;
+        std::fprintf(stderr, "%-18s %-14s %9.3f ms (min %.3f)  %6.1f TFLOP/s  workspace %.3f GiB  engine %s\n",
+                     s->id, impl.c_str(), r.ms_median, r.ms_min, flops / (r.ms_median * 1e-3) / 1e12,
+                     r.workspace / 1073741824.0, r.cublas ? "cublas" : "kernel");
+      } catch (const std::exception& e) {
+        body = "\"ms_median\": null, \"tflops\": null, \"extra_mem_bytes\": null, \"error\": \"" +
+               json_escape(e.what()) + "\"";
+        std::fprintf(stderr, "%-18s %-14s FAILED: %s\n", s->id, impl.c_str(), e.what());
+        cudaGetLastError();
+      }
+      failures += ok ? 0 : 1;
+      std::printf("{\"impl\": \"%s\", \"shape\": \"%s\", \"T\": %lld, \"H\": %d, \"F\": %d, \"E\": %d, \"k\": %d, "
+                  "\"flops\": %.6g, %s, \"reps\": %d, \"warmup\": %d, \"ok\": %s, \"device\": \"%s\"}\n",
+                  impl.c_str(), s->model, static_cast<long long>(s->tokens), s->hidden, s->ffn, s->experts, s->k,
+                  flops, body.c_str(), reps, warmup, ok ? "true" : "false", json_escape(device).c_str());
+      std::fflush(stdout);
+    }
+  }
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Issue 10's device run in one call (device tool, one GPU), plus the one-rank NCCL checks and a CUDA finetune:
+#   1. peers.py: transformers' MixtralSparseMoeBlock (eager, grouped_mm) + the dense roofline on the three shapes;
+#      dumps mixtral-T2048 and finegrained-T8192 (weights, inputs, the peer's outputs, the f32 reference) to a
+#      scratch dir outside $OUT
+#   2. moe_peer_bench: kmoe's CUDA block on the same shapes, same JSON schema (kmoe-scatter, kmoe-padded), and
+#      variants for the notes (--engine kernel, KMOE_CUBLAS_STREAMS when the build knows it)
+#   3. compare.py: the table (timings)
+#   4. (with .carry/kmoe-gpu-mpi-build.tgz from pack_mpi.sh) test_comm_nccl_np1 and bench_alltoall --backend nccl on
+#      one rank; kmoe finetune --backend cuda vs --backend serial on tests/data/granitemoe-tiny (losses side by side)
+#   5. kmoe block --backend cuda on the dumps + compare.py check (kmoe vs the f32 reference, next to the peer's own
+#      error), and the table again with the checks (Markdown, $OUT/table.md)
+#
+#   device run, carry [".carry"]:  bash perf/device/run_perf.sh [STAGES]   (STAGES: comma list of
+#   peers,kmoe,checks,nccl,finetune; default all). JSON lines and logs under $OUT; a summary last.
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+out=${OUT:-/tmp/kmoe-out}
+scratch=${KMOE_SCRATCH:-/tmp/kmoe-perf-scratch}   # GBs: never under $OUT (everything there is sent back)
+stages=,${1:-peers,kmoe,checks,nccl,finetune},
+logs=$out/logs   # stage logs; packed into $out/logs.tgz at the end (the device tool returns at most 8 files)
+mkdir -p "$out" "$logs" "$scratch"
+cd "$repo"
+pack_logs() { [ -d "$logs" ] && tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$logs"; }
+trap pack_logs EXIT
+export PYTHONUNBUFFERED=1
+declare -a rows
+stage() {  # stage NAME LIMIT_S COMMAND...: runs with a time limit, logs to $out/NAME.log, records ok/FAIL and seconds
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s.%N)
+  timeout "$limit" "$@" > "$logs/$name.log" 2>&1
+  local rc=$?
+  local dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+  rows+=("$name|$([ $rc -eq 0 ] && echo ok || echo "FAIL rc=$rc")|${dt}s")
+  tail -n "${TAIL:-15}" "$logs/$name.log"
+  return $rc
+}
+want() { [[ $stages == *",$1,"* ]]; }
+
+echo "== device $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$logs/device.txt"
+cat .carry/BUILD_INFO .carry/BUILD_INFO_MPI 2>/dev/null | tee -a "$logs/device.txt"
+df -h /tmp | tail -n 1
+source perf/device/unpack.sh
+bin=build-gpu/bin
+# The GPU tests with the cuBLAS engine's GEMMs spread over 4 streams (the default, 1 stream, passed in earlier runs)
+if [ -d build-gpu/tests ] && strings $bin/moe_peer_bench | grep -q KMOE_CUBLAS_STREAMS; then
+  KMOE_CUBLAS_STREAMS=4 TAIL=6 stage ctest_cuda_streams4 240 ctest --test-dir build-gpu -L cuda --output-on-failure --timeout 200
+fi
+
+if want peers; then
+  echo "== peers.py"
+  rm -rf "$scratch/dump"
+  # stdout = JSON lines; the log has the table and the dump's own errors
+  timeout 420 python3 perf/device/peers.py --dump "$scratch/dump" --dump-shapes mixtral-T2048,finegrained-T8192 \
+    > "$out/peers.jsonl" 2> "$logs/peers.log"
+  rc=$?; rows+=("peers.py|$([ $rc -eq 0 ] && echo ok || echo "FAIL rc=$rc")|-")
+  tail -n 14 "$logs/peers.log"; ls -la "$scratch/dump" 2>/dev/null
+fi
+
+if want kmoe; then
+  echo "== kmoe (moe_peer_bench)"
+  stage kmoe_bench 240 $bin/moe_peer_bench --warmup 5 --reps 30
+  grep '^{' "$logs/kmoe_bench.log" > "$out/kmoe.jsonl"
+  # variants for perf/NOTES.md (not goal rows): the device-offset kernel engine on every shape; cuBLAS on 4 streams
+  TAIL=8 stage kmoe_bench_kernel 240 $bin/moe_peer_bench --engine kernel --warmup 3 --reps 20
+  grep '^{' "$logs/kmoe_bench_kernel.log" > "$out/kmoe_variants.jsonl"
+  if strings $bin/moe_peer_bench | grep -q KMOE_CUBLAS_STREAMS; then
+    for n in 2 4; do
+      KMOE_CUBLAS_STREAMS=$n TAIL=8 stage kmoe_bench_streams$n 240 $bin/moe_peer_bench --warmup 5 --reps 30
+      grep '^{' "$logs/kmoe_bench_streams$n.log" | sed "s/\"impl\": \"kmoe-\\([a-z]*\\)\"/\"impl\": \"kmoe-\\1-streams$n\"/" \
+        >> "$out/kmoe_variants.jsonl"
+    done
+  fi
+  echo "== table (timings only)"
+  python3 perf/device/compare.py "$out/peers.jsonl" "$out/kmoe.jsonl" | tee "$logs/table_timing.txt"
+fi
+
+if [ -f .carry/kmoe-gpu-mpi-build.tgz ] && { want nccl || want finetune; }; then
+  echo "== MPI + NCCL build"
+  source perf/device/mpi_env.sh
+  mb=build-gpu-mpi/bin
+  if want nccl; then
+    TAIL=25 stage nccl_np1_test 180 $MPIRUN -np 1 $mb/tests/test_comm_nccl_np1
+    TAIL=20 stage nccl_np1_alltoall 240 $MPIRUN -np 1 $mb/bench_alltoall --backend nccl --hidden 4096 \
+      --min-tokens 256 --max-tokens 16384
+  fi
+  if want finetune; then
+    rm -rf "$scratch/ft-cuda" "$scratch/ft-serial"
+    TAIL=12 stage finetune_cuda 240 $MPIRUN -np 1 $mb/kmoe finetune --checkpoint tests/data/granitemoe-tiny --steps 8 \
+      --out "$scratch/ft-cuda" --backend cuda --no-convert
+    TAIL=12 stage finetune_serial 240 $MPIRUN -np 1 $mb/kmoe finetune --checkpoint tests/data/granitemoe-tiny --steps 8 \
+      --out "$scratch/ft-serial" --backend serial --no-convert
+    echo "step | loss cuda | loss serial (same command, CPU)"
+    paste -d'|' <(grep -o 'step [0-9]*/[0-9]* loss [^ ]*' "$logs/finetune_cuda.log") \
+                <(grep -o 'loss [^ ]*' "$logs/finetune_serial.log") | tee "$logs/finetune_losses.txt"
+  fi
+fi
+
+if want checks && [ -d "$scratch/dump" ]; then
+  echo "== checks: kmoe block --backend cuda on the peer's dump"
+  rm -f "$out/checks.jsonl" "$out/checks_variants.jsonl"
+  for job in mixtral-T2048:mixtral:scatter finegrained-T8192:finegrained:scatter finegrained-T8192:finegrained:padded \
+             finegrained-T8192:finegrained:scatter:4 mixtral-T2048:mixtral:padded; do
+    IFS=: read -r sid model impl nstreams <<< "$job"
+    export KMOE_CUBLAS_STREAMS=${nstreams:-1}
+    name=kmoe-$impl${nstreams:+-streams$nstreams}
+    # the Mixtral padded check (~1.5 min: 11 GB of float64 written and read back) only while the call has time left
+    if [ "$sid:$impl" = mixtral-T2048:padded ] && [ $SECONDS -gt ${KMOE_CHECK_DEADLINE_S:-400} ]; then
+      rows+=("check_${sid}_$name|skipped (time)|-"); continue
+    fi
+    [ -f "$scratch/dump/$sid.safetensors" ] || { rows+=("check_${sid}_$name|FAIL no dump|-"); continue; }
+    TAIL=3 stage "block_${sid}_$name" 200 $bin/kmoe block --checkpoint "$scratch/dump/$model-ckpt" --layer 0 \
+      --inputs "$scratch/dump/$sid.safetensors" --out "$scratch/k.safetensors" --backend cuda --precision bf16 \
+      --impl "$impl" &&
+      TAIL=3 stage "check_${sid}_$name" 200 python3 perf/device/compare.py check --ref "$scratch/dump/$sid.safetensors" \
+        --out "$scratch/k.safetensors" --impl "$name" \
+        --json "$out/checks${nstreams:+_variants}.jsonl"
+    rm -f "$scratch/k.safetensors"
+  done
+  unset KMOE_CUBLAS_STREAMS
+  echo "== table (with checks)"
+  python3 perf/device/compare.py "$out/peers.jsonl" "$out/kmoe.jsonl" --checks "$out/checks.jsonl" --markdown \
+    | tee "$out/table.md"
+  if [ -s "$out/kmoe_variants.jsonl" ]; then
+    echo "== variants (for perf/NOTES.md; not the issue's rows)"
+    python3 perf/device/compare.py "$out/peers.jsonl" "$out/kmoe_variants.jsonl" --markdown \
+      $([ -s "$out/checks_variants.jsonl" ] && echo --checks "$out/checks_variants.jsonl") | tee "$out/table_variants.md"
+  fi
+fi
+rm -rf "$scratch/dump" "$scratch/k.safetensors"
+
+echo "== summary"
+cat "$out/table.md" 2>/dev/null || cat "$logs/table_timing.txt" 2>/dev/null
+grep -h '' "$out/kmoe_variants.jsonl" 2>/dev/null | python3 -c '
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l)
+    print("variant %-26s %-12s T=%-5s %8s ms  %6s TFLOP/s" % (r["impl"], r["shape"], r["T"], r.get("ms_median"), "%.0f" % r["tflops"] if r.get("tflops") else "-"))'
+cat "$out/checks.jsonl" "$out/checks_variants.jsonl" 2>/dev/null | grep -h -E '"pass"'  | python3 -c '
+import json, sys
+for l in sys.stdin:
+    c = json.loads(l)
+    print("check %-13s %-12s T=%d %s worst %s %.2e  rel %s  topk differing vs peer %s vs f32 %s" % (c["impl"], c["shape"], c["T"], "PASS" if c["pass"] else "FAIL", c.get("worst"), c.get("worst_rel") or float("nan"), {k: float("%.2e" % v) for k, v in c["rel"].items()}, c.get("topk_tokens_differing_vs_peer"), c.get("topk_tokens_differing_vs_f32")))'
+cat "$logs/finetune_losses.txt" 2>/dev/null
+printf '%-34s %-14s %s\n' stage result time
+for r in "${rows[@]}"; do IFS='|' read -r a b c <<< "$r"; printf '%-34s %-14s %s\n' "$a" "$b" "$c"; done
