@@ -23,6 +23,7 @@ mkdir -p "$out" "$logs" "$scratch"
 cd "$repo"
 pack_logs() { [ -d "$logs" ] && tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$logs"; }
 trap pack_logs EXIT
+trap 'exit 143' TERM INT
 export PYTHONUNBUFFERED=1
 declare -a rows
 stage() {  # stage NAME LIMIT_S COMMAND...: runs with a time limit, logs to $out/NAME.log, records ok/FAIL and seconds
@@ -106,7 +107,8 @@ if want checks && [ -d "$scratch/dump" ]; then
     export KMOE_CUBLAS_STREAMS=${nstreams:-1}
     name=kmoe-$impl${nstreams:+-streams$nstreams}
     # the Mixtral padded check (~1.5 min: 11 GB of float64 written and read back) only while the call has time left
-    if [ "$sid:$impl" = mixtral-T2048:padded ] && [ $SECONDS -gt ${KMOE_CHECK_DEADLINE_S:-400} ]; then
+    if { [ "$sid:$impl" = mixtral-T2048:padded ] && [ $SECONDS -gt ${KMOE_CHECK_DEADLINE_S:-400} ]; } ||
+       [ $SECONDS -gt 480 ]; then
       rows+=("check_${sid}_$name|skipped (time)|-"); continue
     fi
     [ -f "$scratch/dump/$sid.safetensors" ] || { rows+=("check_${sid}_$name|FAIL no dump|-"); continue; }
