@@ -45,7 +45,7 @@ df -h /tmp | tail -n 1
 source perf/device/unpack.sh
 bin=build-gpu/bin
 # The GPU tests with the cuBLAS engine's GEMMs spread over 4 streams (the default, 1 stream, passed in earlier runs)
-if [ -d build-gpu/tests ] && strings $bin/moe_peer_bench | grep -q KMOE_CUBLAS_STREAMS; then
+if [ -d build-gpu/tests ] && grep -qa KMOE_CUBLAS_STREAMS $bin/moe_peer_bench; then
   KMOE_CUBLAS_STREAMS=4 TAIL=6 stage ctest_cuda_streams4 240 ctest --test-dir build-gpu -L cuda --output-on-failure --timeout 200
 fi
 
@@ -66,7 +66,7 @@ if want kmoe; then
   # variants for perf/NOTES.md (not goal rows): the device-offset kernel engine on every shape; cuBLAS on 4 streams
   TAIL=8 stage kmoe_bench_kernel 240 $bin/moe_peer_bench --engine kernel --warmup 3 --reps 20
   grep '^{' "$logs/kmoe_bench_kernel.log" > "$out/kmoe_variants.jsonl"
-  if strings $bin/moe_peer_bench | grep -q KMOE_CUBLAS_STREAMS; then
+  if grep -qa KMOE_CUBLAS_STREAMS $bin/moe_peer_bench; then
     for n in 2 4; do
       KMOE_CUBLAS_STREAMS=$n TAIL=8 stage kmoe_bench_streams$n 240 $bin/moe_peer_bench --warmup 5 --reps 30
       grep '^{' "$logs/kmoe_bench_streams$n.log" | sed "s/\"impl\": \"kmoe-\\([a-z]*\\)\"/\"impl\": \"kmoe-\\1-streams$n\"/" \
@@ -74,23 +74,26 @@ if want kmoe; then
     done
   fi
   echo "== table (timings only)"
+  # without the peers stage: the peers' JSON lines of an earlier run of the same device (KMOE_PEERS_JSONL)
+  [ -s "$out/peers.jsonl" ] || cp "${KMOE_PEERS_JSONL:-/nonexistent}" "$out/peers.jsonl" 2>/dev/null
   python3 perf/device/compare.py "$out/peers.jsonl" "$out/kmoe.jsonl" | tee "$logs/table_timing.txt"
 fi
 
 if [ -f .carry/kmoe-gpu-mpi-build.tgz ] && { want nccl || want finetune; }; then
   echo "== MPI + NCCL build"
+  ls -la /usr/bin/mpirun /usr/bin/orterun 2>&1; ldconfig -p | grep -E 'libmpi\.so|libpmix' | head -n 4
   source perf/device/mpi_env.sh
   mb=build-gpu-mpi/bin
   if want nccl; then
-    TAIL=25 stage nccl_np1_test 180 $MPIRUN -np 1 $mb/tests/test_comm_nccl_np1
-    TAIL=20 stage nccl_np1_alltoall 240 $MPIRUN -np 1 $mb/bench_alltoall --backend nccl --hidden 4096 \
+    TAIL=25 stage nccl_np1_test 180 bash -c 'mpi1 "$@"' _ $mb/tests/test_comm_nccl_np1
+    TAIL=20 stage nccl_np1_alltoall 240 bash -c 'mpi1 "$@"' _ $mb/bench_alltoall --backend nccl --hidden 4096 \
       --min-tokens 256 --max-tokens 16384
   fi
   if want finetune; then
     rm -rf "$scratch/ft-cuda" "$scratch/ft-serial"
-    TAIL=12 stage finetune_cuda 240 $MPIRUN -np 1 $mb/kmoe finetune --checkpoint tests/data/granitemoe-tiny --steps 8 \
+    TAIL=12 stage finetune_cuda 240 bash -c 'mpi1 "$@"' _ $mb/kmoe finetune --checkpoint tests/data/granitemoe-tiny --steps 8 \
       --out "$scratch/ft-cuda" --backend cuda --no-convert
-    TAIL=12 stage finetune_serial 240 $MPIRUN -np 1 $mb/kmoe finetune --checkpoint tests/data/granitemoe-tiny --steps 8 \
+    TAIL=12 stage finetune_serial 240 bash -c 'mpi1 "$@"' _ $mb/kmoe finetune --checkpoint tests/data/granitemoe-tiny --steps 8 \
       --out "$scratch/ft-serial" --backend serial --no-convert
     echo "step | loss cuda | loss serial (same command, CPU)"
     paste -d'|' <(grep -o 'step [0-9]*/[0-9]* loss [^ ]*' "$logs/finetune_cuda.log") \
