@@ -1,5 +1,6 @@
 #include <kmoe/comm/nccl_communicator.hpp>
 
+#include <cfenv>
 #include <cstdio>
 
 namespace kmoe::comm {
@@ -38,7 +39,13 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> bootstrap, c
   ncclUniqueId id;
   if (bootstrap_->rank() == 0) KMOE_NCCL_CHECK(ncclGetUniqueId(&id));
   bootstrap_->broadcast(&id, sizeof id, 0);
-  KMOE_NCCL_CHECK(ncclCommInitRank(&comm_, bootstrap_->size(), id, bootstrap_->rank()));
+  // NCCL's topology/tuning model computes with inf/NaN on more than one rank (seen on 2 H200s: SIGFPE inside
+  // ncclCommInitRank under the test main's FE_INVALID trap); hold FP traps for the call, as around cuBLAS.
+  std::fenv_t env;
+  std::feholdexcept(&env);
+  const ncclResult_t rc = ncclCommInitRank(&comm_, bootstrap_->size(), id, bootstrap_->rank());
+  std::fesetenv(&env);
+  if (rc != ncclSuccess) detail::throw_nccl_error(rc, "ncclCommInitRank", __FILE__, __LINE__);
 }
 
 NcclCommunicator::~NcclCommunicator() {
