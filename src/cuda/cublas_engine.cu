@@ -3,6 +3,7 @@
 // Row-major C[M,N] = A·op(B) is computed as the column-major Cᵀ = op(B)ᵀ·Aᵀ, so no operand is copied.
 #include "common.cuh"
 
+#include <algorithm>
 #include <cstdlib>
 
 namespace kmoe::core::cuda::detail {
@@ -20,16 +21,35 @@ cublasHandle_t handle_for(cudaStream_t stream) {
   return handles[dev];
 }
 
-/// Streams the per-expert GEMMs are spread over: KMOE_CUBLAS_STREAMS (1..8, default 1 = all on the caller's stream).
-/// Small experts (fine-grained MoE: ~1000 rows, N = F = 768) give cuBLAS fewer 128-row tiles than the H100 has SMs, so
-/// one expert's GEMM leaves most of the chip idle; on several streams the experts' GEMMs run side by side.
-int engine_streams() {
+/// Streams the per-expert GEMMs are spread over. Small experts (fine-grained MoE: ~1000 rows, N = F = 768) give cuBLAS
+/// fewer output tiles than the GPU has SMs, so one expert's GEMM leaves much of the chip idle; on two streams two
+/// experts' GEMMs run side by side (H100, fine-grained block: 7.45 -> 6.6 ms fwd+bwd; perf/NOTES.md). Default: 2 streams
+/// when one GEMM has fewer 128x128 output tiles than the device has SMs, else the caller's stream alone (large experts
+/// gained nothing). KMOE_CUBLAS_STREAMS=n (1..8) fixes n for every GEMM (1 = never fork).
+int env_streams() {
   static const int n = [] {
     const char* e = std::getenv("KMOE_CUBLAS_STREAMS");
-    const int v = e ? std::atoi(e) : 1;
+    if (!e || !*e) return 0;
+    const int v = std::atoi(e);
     return v < 1 ? 1 : (v > 8 ? 8 : v);
   }();
   return n;
+}
+
+int sm_count() {
+  static thread_local int sms[16] = {};
+  int dev = 0;
+  KMOE_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 16) return 132;
+  if (!sms[dev]) KMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev));
+  return sms[dev];
+}
+
+/// Streams for per-group GEMMs of m x n outputs each.
+int streams_for(std::int64_t m, std::int64_t n) {
+  if (env_streams() > 0) return env_streams();
+  const std::int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
+  return tiles < sm_count() ? 2 : 1;
 }
 
 /// Side streams (non-blocking) with one cuBLAS handle each (a handle's workspace must not be shared between streams
@@ -42,7 +62,7 @@ class SideStreams {
     int dev = 0;
     KMOE_CUDA_CHECK(cudaGetDevice(&dev));
     SideStreams& s = per_device[dev];
-    s.init(engine_streams());
+    s.init(env_streams() > 1 ? env_streams() : 2);
     return s;
   }
   int size() const { return n_; }
@@ -81,9 +101,10 @@ class SideStreams {
 
 /// Where group g's GEMMs go: the caller's stream and handle, or side stream g % n (between fork and join).
 struct GroupStreams {
-  explicit GroupStreams(cudaStream_t main) : main_(main) {
-    if (engine_streams() > 1) {
+  GroupStreams(cudaStream_t main, int n) : main_(main) {
+    if (n > 1) {
       side_ = &SideStreams::get();
+      n_ = std::min(n, side_->size());
       side_->fork(main);
     } else {
       h_ = handle_for(main);
@@ -93,11 +114,12 @@ struct GroupStreams {
   void join() const {
     if (side_) side_->join(main_);
   }
-  cublasHandle_t handle(int g) const { return side_ ? side_->handle(g % side_->size()) : h_; }
-  cudaStream_t stream(int g) const { return side_ ? side_->stream(g % side_->size()) : main_; }
+  cublasHandle_t handle(int g) const { return side_ ? side_->handle(g % n_) : h_; }
+  cudaStream_t stream(int g) const { return side_ ? side_->stream(g % n_) : main_; }
 
  private:
   cudaStream_t main_;
+  int n_ = 1;
   SideStreams* side_ = nullptr;
   cublasHandle_t h_ = nullptr;
 };
@@ -122,10 +144,10 @@ void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_
   const HoldFpExceptions hold;
   KMOE_ASSERT(a.a_index == nullptr && a.c_index == nullptr, "the cuBLAS engine takes unindexed rows");
   KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
-  const GroupStreams gs(stream);
   const std::int64_t N = a.n, K = a.k;
   const std::int64_t stored_rows = a.b_trans ? N : K, row_len = a.b_trans ? K : N;
   const std::int64_t split = a.b1 ? a.b_split : stored_rows;
+  const GroupStreams gs(stream, streams_for(off[a.groups] / std::max(a.groups, 1), a.b1 && a.b_trans ? split : N));
   const bool f32 = a.c_f32 != nullptr;
   const std::size_t c_elem = f32 ? sizeof(float) : sizeof(bf16_t);
   auto* c_base = f32 ? static_cast<void*>(a.c_f32) : static_cast<void*>(a.c_bf16);
@@ -157,9 +179,9 @@ void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::i
   const HoldFpExceptions hold;
   KMOE_ASSERT(a.a_index == nullptr && a.b_index == nullptr, "the cuBLAS engine takes unindexed rows");
   KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
-  const GroupStreams gs(stream);
   const std::int64_t M = a.m, N = a.n;
   const std::int64_t split = a.c1 ? a.c_split : M;
+  const GroupStreams gs(stream, streams_for(split, N));
   const float alpha = 1.f, beta = 0.f;
   // C_g[m0:m1, :] = A[rows, m0:m1]ᵀ · B[rows, :]  (column-major: Cᵀ = Bᵀ·A)
   auto part = [&](int g, const bf16_t* A, std::int64_t rows, const bf16_t* B, std::int64_t m, float* C) {
