@@ -6,7 +6,8 @@
 //                  [--engine auto|kernel|cublas] [--warmup 5] [--reps 30] [--seed 0]
 //
 // Definitions (docs/perf.md, "Peers and the dense roofline"; the same as peers.py):
-// - ms: CUDA events around each step after the warm-up steps; median (and min) of --reps steps.
+// - ms: CUDA events around each step after the warm-up steps; median (and min) of --reps steps. Also the medians
+//   of the forward and backward halves (an event between them) and of the host time to enqueue the backward.
 // - tflops = 18*T*k*H*F / median time (expert GEMM FLOPs only; the router is not counted).
 // - extra_mem_bytes = the saved activations + scratch of one step = moe_workspace_bytes(shape, path): kmoe allocates
 //   nothing else during a step (the workspace is carved once, outside the step). What the step returns and keeps
@@ -21,6 +22,7 @@
 #include <kmoe/core/cuda/kernels.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -103,6 +105,8 @@ bool finite_bf16(const bf16_t* d, std::int64_t n) {
 
 struct Result {
   double ms_median = 0, ms_min = 0;
+  double fwd_ms = 0, bwd_ms = 0;  ///< medians of the forward and backward halves (events between them)
+  double host_bwd_ms = 0;         ///< median host time to enqueue moe_backward (no host sync inside it)
   std::size_t workspace = 0, cublas_handle = 0;
   bool cublas = false, finite = false;
 };
@@ -131,7 +135,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int 
   void* work = dev.alloc(r.workspace);
   MoeSaved saved = moe_carve(work, shape, path);
   saved.engine = engine;
-  auto step = [&] {
+  auto step = [&] {  // warm-up steps
     moe_forward(x, w, saved, y, nullptr);
     moe_backward(x, w, saved, dy, g, nullptr);
   };
@@ -142,25 +146,40 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int 
   const std::size_t free_after = free_bytes();
   r.cublas_handle = free_before > free_after ? free_before - free_after : 0;
   r.cublas = saved.cublas;
-  std::vector<cudaEvent_t> ev(2 * std::size_t(reps));
+  // Events before, between and after the two halves; the host clock around the backward's enqueue (a backward
+  // whose enqueue takes as long as its GPU time is bound by launches, not by the GPU).
+  std::vector<cudaEvent_t> ev(3 * std::size_t(reps));
   for (auto& e : ev) KMOE_CUDA_CHECK(cudaEventCreate(&e));
+  std::vector<double> host_bwd(reps);
   for (int i = 0; i < reps; ++i) {
-    KMOE_CUDA_CHECK(cudaEventRecord(ev[2 * i]));
-    step();
-    KMOE_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1]));
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i]));
+    moe_forward(x, w, saved, y, nullptr);
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 1]));
+    const auto h0 = std::chrono::steady_clock::now();
+    moe_backward(x, w, saved, dy, g, nullptr);
+    host_bwd[i] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - h0).count();
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 2]));
   }
   KMOE_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<double> ms(reps);
+  std::vector<double> ms(reps), fwd(reps), bwd(reps);
   for (int i = 0; i < reps; ++i) {
-    float v = 0;
-    KMOE_CUDA_CHECK(cudaEventElapsedTime(&v, ev[2 * i], ev[2 * i + 1]));
-    ms[i] = v;
+    float v = 0, f = 0, b = 0;
+    KMOE_CUDA_CHECK(cudaEventElapsedTime(&v, ev[3 * i], ev[3 * i + 2]));
+    KMOE_CUDA_CHECK(cudaEventElapsedTime(&f, ev[3 * i], ev[3 * i + 1]));
+    KMOE_CUDA_CHECK(cudaEventElapsedTime(&b, ev[3 * i + 1], ev[3 * i + 2]));
+    ms[i] = v, fwd[i] = f, bwd[i] = b;
   }
   for (auto& e : ev) cudaEventDestroy(e);
-  std::vector<double> sorted = ms;
-  std::sort(sorted.begin(), sorted.end());
-  r.ms_median = reps % 2 ? sorted[reps / 2] : 0.5 * (sorted[reps / 2 - 1] + sorted[reps / 2]);
-  r.ms_min = sorted.front();
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const std::size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
+  r.ms_median = median(ms);
+  r.ms_min = *std::min_element(ms.begin(), ms.end());
+  r.fwd_ms = median(fwd);
+  r.bwd_ms = median(bwd);
+  r.host_bwd_ms = median(host_bwd);
   r.finite = finite_bf16(y, T * H) && finite_f32(g.dx, T * H) && finite_f32(g.d_gate, E * H) &&
              finite_f32(g.dw2, E * H * F);
   return r;
@@ -238,15 +257,18 @@ int main(int argc, char** argv) {
         std::snprintf(buf, sizeof buf,
                       "\"ms_median\": %.6g, \"ms_min\": %.6g, \"tflops\": %.6g, \"extra_mem_bytes\": %zu, "
                       "\"workspace_bytes\": %zu, \"cublas_handle_bytes\": %zu, \"engine\": \"%s\", "
+                      "\"ms_fwd_median\": %.6g, \"ms_bwd_median\": %.6g, \"host_bwd_enqueue_ms_median\": %.6g, "
                       "\"dispatch\": \"kmoe::core::cuda::moe_forward/moe_backward (%s, %s engine)\"%s",
                       r.ms_median, r.ms_min, flops / (r.ms_median * 1e-3) / 1e12, r.workspace, r.workspace,
-                      r.cublas_handle, r.cublas ? "cublas" : "kernel",
+                      r.cublas_handle, r.cublas ? "cublas" : "kernel", r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
                       path == MoePath::Scattered ? "scattered" : "padded", r.cublas ? "cublas" : "kernel",
                       r.finite ? "" : ", \"error\": \"non-finite outputs\"");
         body = buf;
-        std::fprintf(stderr, "%-18s %-14s %9.3f ms (min %.3f)  %6.1f TFLOP/s  workspace %.3f GiB  engine %s\n",
-                     s->id, impl.c_str(), r.ms_median, r.ms_min, flops / (r.ms_median * 1e-3) / 1e12,
-                     r.workspace / 1073741824.0, r.cublas ? "cublas" : "kernel");
+        std::fprintf(stderr,
+                     "%-18s %-14s %9.3f ms (min %.3f; fwd %.3f bwd %.3f, bwd host enqueue %.3f)  %6.1f TFLOP/s  "
+                     "workspace %.3f GiB  engine %s\n",
+                     s->id, impl.c_str(), r.ms_median, r.ms_min, r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
+                     flops / (r.ms_median * 1e-3) / 1e12, r.workspace / 1073741824.0, r.cublas ? "cublas" : "kernel");
       } catch (const std::exception& e) {
         body = "\"ms_median\": null, \"tflops\": null, \"extra_mem_bytes\": null, \"error\": \"" +
                json_escape(e.what()) + "\"";
