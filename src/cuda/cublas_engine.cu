@@ -21,35 +21,19 @@ cublasHandle_t handle_for(cudaStream_t stream) {
   return handles[dev];
 }
 
-/// Streams the per-expert GEMMs are spread over. Small experts (fine-grained MoE: ~1000 rows, N = F = 768) give cuBLAS
-/// fewer output tiles than the GPU has SMs, so one expert's GEMM leaves much of the chip idle; on two streams two
-/// experts' GEMMs run side by side (H100, fine-grained block: 7.45 -> 6.6 ms fwd+bwd; perf/NOTES.md). Default: 2 streams
-/// when one GEMM has fewer 128x128 output tiles than the device has SMs, else the caller's stream alone (large experts
-/// gained nothing). KMOE_CUBLAS_STREAMS=n (1..8) fixes n for every GEMM (1 = never fork).
+/// Streams the per-expert GEMMs are spread over: KMOE_CUBLAS_STREAMS=n (1..8), default 1 (the caller's stream).
+/// An experiment knob for small experts (fine-grained MoE: ~1000 rows, N = F = 768, fewer output tiles than SMs):
+/// on the H100 the fine-grained block turned out bound by the host's ~580 cublasGemmEx launches per step (the
+/// backward's enqueue takes ~4.5 ms of its ~5 ms), so side streams changed it by less than the run-to-run spread
+/// (perf/NOTES.md); the default stays one stream.
 int env_streams() {
   static const int n = [] {
     const char* e = std::getenv("KMOE_CUBLAS_STREAMS");
-    if (!e || !*e) return 0;
+    if (!e || !*e) return 1;
     const int v = std::atoi(e);
     return v < 1 ? 1 : (v > 8 ? 8 : v);
   }();
   return n;
-}
-
-int sm_count() {
-  static thread_local int sms[16] = {};
-  int dev = 0;
-  KMOE_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 16) return 132;
-  if (!sms[dev]) KMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev));
-  return sms[dev];
-}
-
-/// Streams for per-group GEMMs of m x n outputs each.
-int streams_for(std::int64_t m, std::int64_t n) {
-  if (env_streams() > 0) return env_streams();
-  const std::int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
-  return tiles < sm_count() ? 2 : 1;
 }
 
 /// Side streams (non-blocking) with one cuBLAS handle each (a handle's workspace must not be shared between streams
@@ -62,7 +46,7 @@ class SideStreams {
     int dev = 0;
     KMOE_CUDA_CHECK(cudaGetDevice(&dev));
     SideStreams& s = per_device[dev];
-    s.init(env_streams() > 1 ? env_streams() : 2);
+    s.init(env_streams());
     return s;
   }
   int size() const { return n_; }
@@ -147,7 +131,7 @@ void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_
   const std::int64_t N = a.n, K = a.k;
   const std::int64_t stored_rows = a.b_trans ? N : K, row_len = a.b_trans ? K : N;
   const std::int64_t split = a.b1 ? a.b_split : stored_rows;
-  const GroupStreams gs(stream, streams_for(off[a.groups] / std::max(a.groups, 1), a.b1 && a.b_trans ? split : N));
+  const GroupStreams gs(stream, env_streams());
   const bool f32 = a.c_f32 != nullptr;
   const std::size_t c_elem = f32 ? sizeof(float) : sizeof(bf16_t);
   auto* c_base = f32 ? static_cast<void*>(a.c_f32) : static_cast<void*>(a.c_bf16);
@@ -181,7 +165,7 @@ void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::i
   KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
   const std::int64_t M = a.m, N = a.n;
   const std::int64_t split = a.c1 ? a.c_split : M;
-  const GroupStreams gs(stream, streams_for(split, N));
+  const GroupStreams gs(stream, env_streams());
   const float alpha = 1.f, beta = 0.f;
   // C_g[m0:m1, :] = A[rows, m0:m1]ᵀ · B[rows, :]  (column-major: Cᵀ = Bᵀ·A)
   auto part = [&](int g, const bf16_t* A, std::int64_t rows, const bf16_t* B, std::int64_t m, float* C) {
