@@ -108,18 +108,117 @@ struct GroupStreams {
   cublasHandle_t h_ = nullptr;
 };
 
+/// KMOE_CUBLAS_GROUPED=1: all experts' GEMMs of one call in one cublasGemmGroupedBatchedEx (each GEMM its own
+/// group of one), instead of one cublasGemmEx per expert. The fine-grained block is bound by the host's per-expert
+/// launches (perf/NOTES.md). Off by default: run 20 measured it slower (cuBLAS's grouped kernels run at about half
+/// the per-expert rate on the H100; the fine-grained block 7.4 -> 7.8 ms, Mixtral 27.7 -> 52.9 ms).
+bool env_grouped() {
+  static const bool on = [] {
+    const char* e = std::getenv("KMOE_CUBLAS_GROUPED");
+    return e && *e && std::atoi(e) != 0;
+  }();
+  return on;
+}
+
+/// Device copies of the A/B/C pointer arrays of grouped calls (cuBLAS reads them on the device): a ring of pinned
+/// host + device slots per host thread and device; a slot is reused only after the event of its last use completed.
+class PointerRing {
+ public:
+  static constexpr int kSlots = 32;
+  static constexpr int kMaxGemms = 1024;  ///< per call (2 per expert, E <= 256 in the router); more: per-GEMM calls
+  static PointerRing& get() {
+    static thread_local PointerRing per_device[16];
+    int dev = 0;
+    KMOE_CUDA_CHECK(cudaGetDevice(&dev));
+    return per_device[dev];
+  }
+  /// Copies 3*count pointers to a device slot on `stream`; returns the device array.
+  const void** upload(const std::vector<const void*>& ptrs, cudaStream_t stream) {
+    if (!host_) {
+      KMOE_CUDA_CHECK(cudaMallocHost(&host_, sizeof(void*) * 3 * kMaxGemms * kSlots));
+      KMOE_CUDA_CHECK(cudaMalloc(&dev_, sizeof(void*) * 3 * kMaxGemms * kSlots));
+      for (auto& e : events_) KMOE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    }
+    const int slot = next_++ % kSlots;
+    if (used_[slot]) KMOE_CUDA_CHECK(cudaEventSynchronize(events_[slot]));
+    const void** h = host_ + std::size_t(slot) * 3 * kMaxGemms;
+    const void** d = dev_ + std::size_t(slot) * 3 * kMaxGemms;
+    std::copy(ptrs.begin(), ptrs.end(), h);
+    KMOE_CUDA_CHECK(cudaMemcpyAsync(d, h, sizeof(void*) * ptrs.size(), cudaMemcpyHostToDevice, stream));
+    slot_ = slot;
+    return d;
+  }
+  /// Marks the slot of the last upload as in use until the work enqueued on `stream` so far completes.
+  void release(cudaStream_t stream) {
+    KMOE_CUDA_CHECK(cudaEventRecord(events_[slot_], stream));
+    used_[slot_] = true;
+  }
+
+ private:
+  const void** host_ = nullptr;
+  const void** dev_ = nullptr;
+  cudaEvent_t events_[kSlots] = {};
+  bool used_[kSlots] = {};
+  int next_ = 0, slot_ = 0;
+};
+
+/// Column-major GEMMs collected for one cublasGemmGroupedBatchedEx (bf16 A/B, fp32 compute, one C type).
+class GemmBatch {
+ public:
+  void add(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void* A, int lda, const void* B,
+           int ldb, float beta, void* C, int ldc) {
+    ta_.push_back(ta), tb_.push_back(tb), m_.push_back(m), n_.push_back(n), k_.push_back(k);
+    lda_.push_back(lda), ldb_.push_back(ldb), ldc_.push_back(ldc), alpha_.push_back(1.f), beta_.push_back(beta);
+    a_.push_back(A), b_.push_back(B), c_.push_back(C);
+  }
+  void launch(cublasHandle_t h, cudaStream_t stream, cudaDataType_t ctype) {
+    const int count = static_cast<int>(m_.size());
+    if (count == 0) return;
+    const std::vector<int> ones(count, 1);
+    // cuBLAS' grouped GEMM takes bf16 A/B only with a bf16 C (run 19: CUBLAS_STATUS_NOT_SUPPORTED for an fp32 C, the
+    // weight gradients); those, and calls with more GEMMs than a slot holds, go one GEMM per call.
+    if (ctype != CUDA_R_16BF || count > PointerRing::kMaxGemms) {
+      for (int i = 0; i < count; ++i)
+        KMOE_CUBLAS_CHECK(cublasGemmEx(h, ta_[i], tb_[i], m_[i], n_[i], k_[i], &alpha_[i], a_[i], CUDA_R_16BF, lda_[i],
+                                       b_[i], CUDA_R_16BF, ldb_[i], &beta_[i], c_[i], ctype, ldc_[i],
+                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return;
+    }
+    std::vector<const void*> ptrs(a_);
+    ptrs.insert(ptrs.end(), b_.begin(), b_.end());
+    ptrs.insert(ptrs.end(), c_.begin(), c_.end());
+    PointerRing& ring = PointerRing::get();
+    const void** d = ring.upload(ptrs, stream);
+    KMOE_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+        h, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(), d, CUDA_R_16BF, lda_.data(),
+        d + count, CUDA_R_16BF, ldb_.data(), beta_.data(), const_cast<void* const*>(d + 2 * count), ctype,
+        ldc_.data(), count, ones.data(), CUBLAS_COMPUTE_32F));
+    ring.release(stream);
+  }
+
+ private:
+  std::vector<cublasOperation_t> ta_, tb_;
+  std::vector<int> m_, n_, k_, lda_, ldb_, ldc_;
+  std::vector<float> alpha_, beta_;
+  std::vector<const void*> a_, b_;
+  std::vector<void*> c_;
+};
+
 /// Row-major C[m,n] (ldc) = alpha · A[m,k] (lda, row-major) · op(B) + beta · C, op(B) = Bᵀ with B [n,k] (ldb) when
 /// b_trans, else B [k,n] (ldb). C is bf16 or fp32.
 void gemm_rm(cublasHandle_t h, bool b_trans, std::int64_t m, std::int64_t n, std::int64_t k, const bf16_t* a,
-             std::int64_t lda, const bf16_t* b, std::int64_t ldb, float beta, void* c, bool c_f32, std::int64_t ldc) {
+             std::int64_t lda, const bf16_t* b, std::int64_t ldb, float beta, void* c, bool c_f32, std::int64_t ldc,
+             GemmBatch* batch = nullptr) {
   if (m == 0 || n == 0) return;
   KMOE_CHECK_INPUT(m < (1ll << 31) && n < (1ll << 31) && k < (1ll << 31) && lda < (1ll << 31) && ldb < (1ll << 31) &&
                        ldc < (1ll << 31),
                    "kmoe::core::cuda: GEMM [", m, ",", n, ",", k, "] exceeds cuBLAS' 32-bit sizes");
+  const cublasOperation_t ta = b_trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+  if (batch) return batch->add(ta, CUBLAS_OP_N, int(n), int(m), int(k), b, int(ldb), a, int(lda), beta, c, int(ldc));
   const float alpha = 1.f;
-  KMOE_CUBLAS_CHECK(cublasGemmEx(h, b_trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, b,
-                                 CUDA_R_16BF, int(ldb), a, CUDA_R_16BF, int(lda), &beta, c,
-                                 c_f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  KMOE_CUBLAS_CHECK(cublasGemmEx(h, ta, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, b, CUDA_R_16BF, int(ldb), a,
+                                 CUDA_R_16BF, int(lda), &beta, c, c_f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldc),
+                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace
@@ -131,7 +230,12 @@ void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_
   const std::int64_t N = a.n, K = a.k;
   const std::int64_t stored_rows = a.b_trans ? N : K, row_len = a.b_trans ? K : N;
   const std::int64_t split = a.b1 ? a.b_split : stored_rows;
-  const GroupStreams gs(stream, env_streams());
+  const bool grouped = env_grouped();
+  const GroupStreams gs(stream, grouped ? 1 : env_streams());
+  // grouped: first = every GEMM that overwrites its C, second = the accumulating halves (they must follow the first)
+  GemmBatch first, second;
+  GemmBatch* b_first = grouped ? &first : nullptr;
+  GemmBatch* b_second = grouped ? &second : nullptr;
   const bool f32 = a.c_f32 != nullptr;
   const std::size_t c_elem = f32 ? sizeof(float) : sizeof(bf16_t);
   auto* c_base = f32 ? static_cast<void*>(a.c_f32) : static_cast<void*>(a.c_bf16);
@@ -144,17 +248,23 @@ void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_
     auto* C = static_cast<unsigned char*>(c_base) + std::size_t(r0 * a.ldc) * c_elem;
     const bf16_t* b0 = a.b0 + std::int64_t(g) * split * row_len;
     if (!a.b1) {
-      gemm_rm(h, a.b_trans, rows, N, K, A, a.lda, b0, row_len, beta0, C, f32, a.ldc);
+      gemm_rm(h, a.b_trans, rows, N, K, A, a.lda, b0, row_len, beta0, C, f32, a.ldc, b_first);
       continue;
     }
     const bf16_t* b1 = a.b1 + std::int64_t(g) * (stored_rows - split) * row_len;
     if (a.b_trans) {  // stored rows are output columns: C[:, :split] from b0, C[:, split:] from b1
-      gemm_rm(h, true, rows, split, K, A, a.lda, b0, row_len, beta0, C, f32, a.ldc);
-      gemm_rm(h, true, rows, N - split, K, A, a.lda, b1, row_len, beta0, C + std::size_t(split) * c_elem, f32, a.ldc);
+      gemm_rm(h, true, rows, split, K, A, a.lda, b0, row_len, beta0, C, f32, a.ldc, b_first);
+      gemm_rm(h, true, rows, N - split, K, A, a.lda, b1, row_len, beta0, C + std::size_t(split) * c_elem, f32, a.ldc,
+              b_first);
     } else {  // stored rows are the reduction: C = A[:, :split]·b0 + A[:, split:]·b1
-      gemm_rm(h, false, rows, N, split, A, a.lda, b0, row_len, beta0, C, f32, a.ldc);
-      gemm_rm(h, false, rows, N, K - split, A + split, a.lda, b1, row_len, 1.f, C, f32, a.ldc);
+      gemm_rm(h, false, rows, N, split, A, a.lda, b0, row_len, beta0, C, f32, a.ldc, b_first);
+      gemm_rm(h, false, rows, N, K - split, A + split, a.lda, b1, row_len, 1.f, C, f32, a.ldc, b_second);
     }
+  }
+  if (grouped) {
+    const cudaDataType_t ctype = f32 ? CUDA_R_32F : CUDA_R_16BF;
+    first.launch(gs.handle(0), stream, ctype);
+    second.launch(gs.handle(0), stream, ctype);
   }
   gs.join();
 }
@@ -165,7 +275,9 @@ void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::i
   KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
   const std::int64_t M = a.m, N = a.n;
   const std::int64_t split = a.c1 ? a.c_split : M;
-  const GroupStreams gs(stream, env_streams());
+  const bool grouped = env_grouped();
+  const GroupStreams gs(stream, grouped ? 1 : env_streams());
+  GemmBatch batch;
   const float alpha = 1.f, beta = 0.f;
   // C_g[m0:m1, :] = A[rows, m0:m1]ᵀ · B[rows, :]  (column-major: Cᵀ = Bᵀ·A)
   auto part = [&](int g, const bf16_t* A, std::int64_t rows, const bf16_t* B, std::int64_t m, float* C) {
@@ -174,6 +286,9 @@ void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::i
       KMOE_CUDA_CHECK(cudaMemsetAsync(C, 0, sizeof(float) * m * N, gs.stream(g)));
       return;
     }
+    if (grouped)
+      return batch.add(CUBLAS_OP_N, CUBLAS_OP_T, int(N), int(m), int(rows), B, int(a.ldb), A, int(a.lda), beta, C,
+                       int(N));
     KMOE_CUBLAS_CHECK(cublasGemmEx(gs.handle(g), CUBLAS_OP_N, CUBLAS_OP_T, int(N), int(m), int(rows), &alpha, B,
                                    CUDA_R_16BF, int(a.ldb), A, CUDA_R_16BF, int(a.lda), &beta, C, CUDA_R_32F, int(N),
                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -185,6 +300,7 @@ void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::i
     part(g, A, rows, B, split, a.c0 + std::int64_t(g) * split * N);
     if (a.c1) part(g, A + split, rows, B, M - split, a.c1 + std::int64_t(g) * (M - split) * N);
   }
+  if (grouped) batch.launch(gs.handle(0), stream, CUDA_R_32F);
   gs.join();
 }
 
