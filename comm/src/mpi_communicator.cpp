@@ -1,7 +1,9 @@
 #include <kmoe/comm/mpi_communicator.hpp>
 
+#include <chrono>
 #include <climits>
 #include <cstdio>
+#include <thread>
 #include <vector>
 
 namespace kmoe::comm {
@@ -56,12 +58,15 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned
   KMOE_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
   KMOE_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
   KMOE_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  KMOE_MPI_CHECK(MPI_Comm_dup(comm_, &failure_comm_));
 }
 
 MpiCommunicator::~MpiCommunicator() {
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (owned_ && !finalized && comm_ != MPI_COMM_WORLD && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  if (finalized) return;
+  if (failure_comm_ != MPI_COMM_NULL) MPI_Comm_free(&failure_comm_);
+  if (owned_ && comm_ != MPI_COMM_WORLD && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
 }
 
 std::unique_ptr<MpiCommunicator> MpiCommunicator::world() {
@@ -125,6 +130,18 @@ void MpiCommunicator::abort(int code, const std::string& message) {
   std::fprintf(stderr, "%s\n", message.c_str());
   std::fflush(stderr);
   std::fflush(stdout);
+  // Often every rank fails the same check (a bad layout, a bad file): give the others a moment to report their own
+  // message before MPI_Abort kills them. A non-blocking barrier bounds the wait, so a lone failing rank still takes
+  // the job down promptly while its peers sit in some other collective.
+  MPI_Request all_failed = MPI_REQUEST_NULL;
+  if (failure_comm_ != MPI_COMM_NULL && MPI_Ibarrier(failure_comm_, &all_failed) == MPI_SUCCESS) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    int done = 0;
+    while (!done && std::chrono::steady_clock::now() < deadline) {
+      if (MPI_Test(&all_failed, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS) break;
+      if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
   MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);  // MPI_Abort does not return; this is for a broken MPI that does
 }

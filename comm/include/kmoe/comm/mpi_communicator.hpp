@@ -63,6 +63,9 @@ class MpiCommunicator final : public Communicator {
 
  private:
   MPI_Comm comm_;
+  // A private duplicate on which abort() lets failing ranks meet, so its barrier can never match a collective that
+  // healthy ranks are running on comm_.
+  MPI_Comm failure_comm_ = MPI_COMM_NULL;
   bool owned_;
   int rank_ = 0, size_ = 1;
 };
