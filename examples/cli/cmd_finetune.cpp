@@ -104,39 +104,25 @@ io::RankGroup rank_group(comm::Communicator& world) {
 template <class T, class Space>
 io::MoeLayerWeights<T> to_host(const moe::MoeWeights<T, Space>& w) {
   io::MoeLayerWeights<T> h;
-  auto copy = [](auto& dst, const auto& src, const char* label) {
+  moe::for_each_weight_pair(h, w, [](auto& dst, const auto& src, const char* label) {
     using D = std::decay_t<decltype(dst)>;
     dst = D(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), src.layout());
     Kokkos::deep_copy(dst, src);
-  };
-  copy(h.router, w.router, "router");
-  copy(h.w1, w.w1, "w1");
-  copy(h.w3, w.w3, "w3");
-  copy(h.w2, w.w2, "w2");
-  copy(h.shared_w1, w.shared_w1, "shared_w1");
-  copy(h.shared_w3, w.shared_w3, "shared_w3");
-  copy(h.shared_w2, w.shared_w2, "shared_w2");
+  });
   return h;
 }
 
 // Copies host weights into existing device weights of the same shapes (InputError naming the tensor otherwise).
 template <class T, class Space>
 void copy_into(const moe::MoeWeights<T, Space>& dst, const io::MoeLayerWeights<T>& src, const std::string& what) {
-  auto copy = [&](const auto& d, const auto& s, const char* part) {
+  moe::for_each_weight_pair(dst, src, [&](const auto& d, const auto& s, const char* part) {
     if (d.span() == 0 && s.span() == 0) return;  // no shared expert (extents differ between empty Views)
     bool same = d.span() == s.span();
     for (unsigned r = 0; r < 3 && same; ++r) same = d.extent(r) == s.extent(r);
     KMOE_CHECK_INPUT(same, what, ": ", part, " has ", s.span(), " elements [", s.extent(0), ",", s.extent(1),
                      "...], expected [", d.extent(0), ",", d.extent(1), "...]");
     Kokkos::deep_copy(d, s);
-  };
-  copy(dst.router, src.router, "router");
-  copy(dst.w1, src.w1, "w1");
-  copy(dst.w3, src.w3, "w3");
-  copy(dst.w2, src.w2, "w2");
-  copy(dst.shared_w1, src.shared_w1, "shared_w1");
-  copy(dst.shared_w3, src.shared_w3, "shared_w3");
-  copy(dst.shared_w2, src.shared_w2, "shared_w2");
+  });
 }
 
 // ---- the layer-wise objective -----------------------------------------------------------------------------------

@@ -18,15 +18,10 @@ MoeWeights<T, ExecSpace> load_weights(const io::HfCheckpoint& checkpoint, int la
                    " is out of range (the model has ", config.num_layers, " layers: 0..", config.num_layers - 1, ")");
   auto host = io::load_moe_layer<T>(checkpoint, layer);
   using Mem = typename ExecSpace::memory_space;
-  auto to_space = [](const auto& v) { return Kokkos::create_mirror_view_and_copy(Mem(), v); };
   MoeWeights<T, ExecSpace> w;
-  w.router = to_space(host.router);
-  w.w1 = to_space(host.w1);
-  w.w3 = to_space(host.w3);
-  w.w2 = to_space(host.w2);
-  w.shared_w1 = to_space(host.shared_w1);
-  w.shared_w3 = to_space(host.shared_w3);
-  w.shared_w2 = to_space(host.shared_w2);
+  for_each_weight_pair(w, host, [](auto& dst, const auto& src, const char*) {
+    dst = Kokkos::create_mirror_view_and_copy(Mem(), src);
+  });
   return w;
 }
 

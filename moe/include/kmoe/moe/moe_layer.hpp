@@ -82,6 +82,20 @@ struct MoeWeights {
   bool has_shared() const { return shared_w1.extent(0) > 0; }
 };
 
+/// Calls f(a.NAME, b.NAME, "NAME") for the seven weight tensors of two sets that use MoeWeights' member names
+/// (MoeWeights, their gradients, io::MoeLayerWeights), in the order router, w1, w3, w2, shared_w1, shared_w3,
+/// shared_w2: conversions between the sets name the tensors once, here.
+template <class A, class B, class F>
+void for_each_weight_pair(A&& a, B&& b, F&& f) {
+  f(a.router, b.router, "router");
+  f(a.w1, b.w1, "w1");
+  f(a.w3, b.w3, "w3");
+  f(a.w2, b.w2, "w2");
+  f(a.shared_w1, b.shared_w1, "shared_w1");
+  f(a.shared_w3, b.shared_w3, "shared_w3");
+  f(a.shared_w2, b.shared_w2, "shared_w2");
+}
+
 /// Zero-filled tensors of the shapes of `like` (used for gradients).
 template <class T, class ExecSpace>
 MoeWeights<T, ExecSpace> zeros_like(const MoeWeights<T, ExecSpace>& like);
