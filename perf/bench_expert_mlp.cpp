@@ -11,6 +11,7 @@
 #include <kmoe/core/expert_mlp.hpp>
 #include <kmoe/core/gather_scatter.hpp>
 #include <kmoe/core/grouped_gemm.hpp>
+#include <kmoe/core/openmp_env.hpp>
 #include <kmoe/core/routing.hpp>
 
 #include <Kokkos_Core.hpp>
@@ -165,15 +166,8 @@ BENCHMARK(BM_GroupedGemm)
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Idle OpenMP threads must sleep, not spin: the BLAS runs its own threads between Kokkos kernels, and spinning
-  // OpenMP workers steal its cores (2x slower on 2 cores; docs/kernels.md). The OpenMP runtime reads its environment
-  // when it loads, so set it and start again.
-  if (!std::getenv("OMP_WAIT_POLICY")) {
-    setenv("OMP_WAIT_POLICY", "passive", 1);
-    setenv("OMP_PROC_BIND", "spread", 0);
-    setenv("OMP_PLACES", "threads", 0);
-    execv("/proc/self/exe", argv);  // returns only on failure: then run as we are
-  }
+  // Idle OpenMP threads must sleep, not spin: the BLAS runs its own threads between Kokkos kernels (docs/kernels.md).
+  kmoe::core::reexec_with_passive_openmp_wait(argv);
   Kokkos::ScopeGuard kokkos(argc, argv);
   benchmark::Initialize(&argc, argv);
   benchmark::AddCustomContext("kokkos_exec_space", Space::name());

@@ -2,6 +2,7 @@
 // 0 success, 1 bad input (InputError), 2 bad usage (UsageError), 3 internal error.
 #include "cli.hpp"
 
+#include <kmoe/core/openmp_env.hpp>
 #include <kmoe/core/version.hpp>
 
 #include <cstdio>
@@ -34,6 +35,8 @@ void print_usage(std::ostream& os) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Kokkos' OpenMP kernels alternate with OpenBLAS' threads: idle OpenMP workers must sleep (docs/kernels.md).
+  kmoe::core::reexec_with_passive_openmp_wait(argv);
   if (argc < 2) {
     std::cerr << "kmoe: missing command (inspect, block, finetune, convert); see kmoe --help\n";
     return 2;
