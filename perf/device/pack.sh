@@ -14,11 +14,14 @@ src=${1:-$repo}
 build=${2:-$repo/build-gpu}
 export PATH=/usr/local/cuda/bin:$PATH
 kokkos=$(bash "$repo/cmake/deps/build_kokkos_cuda.sh" | tail -n 1)
+# CUTLASS 4.2 headers (the Hopper grouped GEMM engine, KMOE_ENABLE_CUTLASS): fetched once into the deps cache.
+cutlass=$(bash "$repo/cmake/deps/fetch_cutlass.sh" | tail -n 1)
 if [ ! -f "$build/CMakeCache.txt" ]; then
   # MPI and HDF5 off: the device image's Open MPI / serial HDF5 differ from Debian's, and the GPU tests need neither.
   cmake -S "$src" -B "$build" -DCMAKE_PREFIX_PATH="$kokkos" -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" \
     -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DKMOE_ENABLE_CUDA=ON -DKMOE_ENABLE_MPI=OFF \
-    -DKMOE_ENABLE_HDF5=OFF -DKMOE_ENABLE_EXAMPLES=OFF -DCMAKE_FIND_PACKAGE_TARGETS_GLOBAL=ON
+    -DKMOE_ENABLE_HDF5=OFF -DKMOE_ENABLE_EXAMPLES=OFF -DCMAKE_FIND_PACKAGE_TARGETS_GLOBAL=ON \
+    -DKMOE_CUTLASS_DIR="$cutlass"
 fi
 cmake --build "$build" -j "${KMOE_JOBS:-2}" ${KMOE_TARGETS:+--target $KMOE_TARGETS}
 # Libraries of this machine that the device image lacks (Debian's Google Benchmark): next to the binaries.
@@ -36,5 +39,6 @@ cp -a "$src/../shared/testdata" "$repo/.carry/shared/testdata"
   echo "src: $src  build: $build"
   echo "nvcc: $(nvcc --version | tail -n 2 | head -n 1)"
   echo "kokkos: $kokkos"
+  echo "cutlass: $cutlass"
 } > "$repo/.carry/BUILD_INFO"
 du -sh "$repo/.carry"/* >&2

@@ -1,0 +1,42 @@
+# KMOE_ENABLE_CUTLASS: the CUTLASS engine of the CUDA expert GEMMs (src/cuda/cutlass_grouped.cu, Hopper sm_90a).
+# CUTLASS is header-only; cmake/deps/fetch_cutlass.sh puts CUTLASS 4.2's headers into ~/.cache/kmoe-deps (or
+# $KMOE_DEPS_PREFIX) and prints the include dir. Default: ON when KMOE_ENABLE_CUDA is ON and those headers are found
+# (KMOE_CUTLASS_DIR, else the cached prefix). CUTLASS < 4 is refused: Debian's 3.4.1 returns wrong results with nvcc 13
+# (DEPENDENCIES.md). Sets KMOE_CUTLASS_INCLUDE_DIR.
+set(KMOE_CUTLASS_DIR "" CACHE PATH "CUTLASS include directory (holding cutlass/ and cute/): cmake/deps/fetch_cutlass.sh prints it")
+set(_kmoe_cutlass_found "")
+foreach(_dir "${KMOE_CUTLASS_DIR}" "$ENV{KMOE_DEPS_PREFIX}/cutlass-4.2.0.0/include" "$ENV{HOME}/.cache/kmoe-deps/cutlass-4.2.0.0/include")
+  if(_dir AND EXISTS "${_dir}/cutlass/version.h")
+    set(_kmoe_cutlass_found "${_dir}")
+    break()
+  endif()
+endforeach()
+if(KMOE_ENABLE_CUDA AND _kmoe_cutlass_found)
+  set(_kmoe_cutlass_default ON)
+else()
+  set(_kmoe_cutlass_default OFF)
+endif()
+option(KMOE_ENABLE_CUTLASS "Build the CUTLASS (Hopper grouped GEMM) engine of the CUDA block (needs KMOE_ENABLE_CUDA and CUTLASS >= 4 headers)" ${_kmoe_cutlass_default})
+if(KMOE_ENABLE_CUTLASS)
+  if(NOT KMOE_ENABLE_CUDA)
+    message(FATAL_ERROR "KMOE_ENABLE_CUTLASS=ON needs KMOE_ENABLE_CUDA=ON")
+  endif()
+  if(NOT _kmoe_cutlass_found)
+    message(FATAL_ERROR "KMOE_ENABLE_CUTLASS=ON but no CUTLASS headers found: run cmake/deps/fetch_cutlass.sh and pass "
+                        "-DKMOE_CUTLASS_DIR=<the directory it prints>")
+  endif()
+  file(STRINGS "${_kmoe_cutlass_found}/cutlass/version.h" _kmoe_cutlass_major REGEX "#define CUTLASS_MAJOR [0-9]+")
+  string(REGEX MATCH "[0-9]+" _kmoe_cutlass_major "${_kmoe_cutlass_major}")
+  if(_kmoe_cutlass_major LESS 4)
+    message(FATAL_ERROR "CUTLASS ${_kmoe_cutlass_major}.x in ${_kmoe_cutlass_found}: kmoe needs CUTLASS >= 4 "
+                        "(3.4.1's Hopper grouped GEMM gives wrong results with nvcc 13); run cmake/deps/fetch_cutlass.sh")
+  endif()
+  set(KMOE_CUTLASS_INCLUDE_DIR "${_kmoe_cutlass_found}")
+  message(STATUS "kmoe: CUTLASS engine ON (CUTLASS ${_kmoe_cutlass_major}.x headers in ${_kmoe_cutlass_found})")
+elseif(KMOE_ENABLE_CUDA AND _kmoe_cutlass_found)
+  message(STATUS "kmoe: CUTLASS engine OFF (KMOE_ENABLE_CUTLASS=OFF; headers found in ${_kmoe_cutlass_found})")
+elseif(KMOE_ENABLE_CUDA)
+  message(STATUS "kmoe: CUTLASS engine OFF (no CUTLASS headers: run cmake/deps/fetch_cutlass.sh, or set KMOE_CUTLASS_DIR)")
+else()
+  message(STATUS "kmoe: CUTLASS engine OFF (needs KMOE_ENABLE_CUDA)")
+endif()
