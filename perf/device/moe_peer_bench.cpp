@@ -3,7 +3,7 @@
 // `compare.py peers.jsonl kmoe.jsonl` puts kmoe next to the peers and the dense roofline of the same run.
 //
 //   moe_peer_bench [--shapes mixtral-T8192,mixtral-T2048,finegrained-T8192] [--paths scatter,padded]
-//                  [--engine auto|kernel|cublas] [--warmup 5] [--reps 30] [--seed 0]
+//                  [--engine auto|kernel|cublas|cutlass] [--graph] [--warmup 5] [--reps 30] [--seed 0]
 //
 // Definitions (docs/perf.md, "Peers and the dense roofline"; the same as peers.py):
 // - ms: CUDA events around each step after the warm-up steps; median (and min) of --reps steps. Also the medians
@@ -15,8 +15,11 @@
 //   workspace (allocated once per process at the first cuBLAS call, not per step) is reported apart as
 //   cublas_handle_bytes (the device memory that disappeared across the warm-up besides our own allocations).
 // Inputs: random (never zeros), made on the device; weights of standard deviation 1/sqrt(fan_in) as in peers.py.
-// impl names: kmoe-scatter (ScatterMoE layout) / kmoe-padded (MegaBlocks layout); with --engine kernel|cublas the
-// impl gains the suffix "-kernel" / "-cublas" (no goal row; a variant for the tuning notes).
+// impl names: kmoe-scatter (ScatterMoE layout) / kmoe-padded (MegaBlocks layout); with --engine kernel|cublas|cutlass
+// the impl gains the suffix "-kernel" / "-cublas" / "-cutlass" (no goal row; a variant for the tuning notes).
+// --graph (engines kernel and cutlass only: they never wait for the host): one step (forward + backward) is captured
+// into a CUDA graph after the warm-up and each timed step replays it (suffix "-graph"); ms_fwd/ms_bwd are then 0
+// (one graph, no event between the halves) and host_bwd_enqueue_ms is the host time of cudaGraphLaunch.
 // Exit code: 0 when every row is ok, 1 otherwise, 2 bad usage.
 #include <kmoe/core/cuda/check.hpp>
 #include <kmoe/core/cuda/kernels.hpp>
@@ -108,10 +111,11 @@ struct Result {
   double fwd_ms = 0, bwd_ms = 0;  ///< medians of the forward and backward halves (events between them)
   double host_bwd_ms = 0;         ///< median host time to enqueue moe_backward (no host sync inside it)
   std::size_t workspace = 0, cublas_handle = 0;
-  bool cublas = false, finite = false;
+  const char* engine = "kernel";  ///< the engine moe_forward used
+  bool finite = false;
 };
 
-Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int reps, std::uint64_t seed) {
+Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int warmup, int reps, std::uint64_t seed) {
   const MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
   const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
   Device dev;
@@ -135,9 +139,9 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int 
   void* work = dev.alloc(r.workspace);
   MoeSaved saved = moe_carve(work, shape, path);
   saved.engine = engine;
-  auto step = [&] {  // warm-up steps
-    moe_forward(x, w, saved, y, nullptr);
-    moe_backward(x, w, saved, dy, g, nullptr);
+  auto step = [&](cudaStream_t stream = nullptr) {  // warm-up steps (and the captured one)
+    moe_forward(x, w, saved, y, stream);
+    moe_backward(x, w, saved, dy, g, stream);
   };
   KMOE_CUDA_CHECK(cudaDeviceSynchronize());
   const std::size_t free_before = free_bytes();
@@ -145,13 +149,35 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int 
   KMOE_CUDA_CHECK(cudaDeviceSynchronize());
   const std::size_t free_after = free_bytes();
   r.cublas_handle = free_before > free_after ? free_before - free_after : 0;
-  r.cublas = saved.cublas;
+  r.engine = saved.cublas ? "cublas" : saved.cutlass ? "cutlass" : "kernel";
+  // Graph mode: capture one step on a stream of its own (the legacy default stream cannot be captured).
+  cudaStream_t gs = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  if (graph) {
+    KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
+    cudaGraph_t captured = nullptr;
+    KMOE_CUDA_CHECK(cudaStreamBeginCapture(gs, cudaStreamCaptureModeRelaxed));
+    step(gs);
+    KMOE_CUDA_CHECK(cudaStreamEndCapture(gs, &captured));
+    KMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, captured, 0));
+    KMOE_CUDA_CHECK(cudaGraphDestroy(captured));
+    KMOE_CUDA_CHECK(cudaGraphLaunch(exec, gs));
+    KMOE_CUDA_CHECK(cudaStreamSynchronize(gs));
+  }
   // Events before, between and after the two halves; the host clock around the backward's enqueue (a backward
   // whose enqueue takes as long as its GPU time is bound by launches, not by the GPU).
   std::vector<cudaEvent_t> ev(3 * std::size_t(reps));
   for (auto& e : ev) KMOE_CUDA_CHECK(cudaEventCreate(&e));
   std::vector<double> host_bwd(reps);
-  for (int i = 0; i < reps; ++i) {
+  for (int i = 0; i < reps && exec; ++i) {
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i], gs));
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 1], gs));
+    const auto h0 = std::chrono::steady_clock::now();
+    KMOE_CUDA_CHECK(cudaGraphLaunch(exec, gs));
+    host_bwd[i] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - h0).count();
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 2], gs));
+  }
+  for (int i = 0; i < reps && !exec; ++i) {
     KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i]));
     moe_forward(x, w, saved, y, nullptr);
     KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 1]));
@@ -161,6 +187,10 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int 
     KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 2]));
   }
   KMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  if (exec) {
+    KMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    KMOE_CUDA_CHECK(cudaStreamDestroy(gs));
+  }
   std::vector<double> ms(reps), fwd(reps), bwd(reps);
   for (int i = 0; i < reps; ++i) {
     float v = 0, f = 0, b = 0;
@@ -199,6 +229,7 @@ std::string json_escape(const std::string& s) {
 int main(int argc, char** argv) {
   std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto";
   int warmup = 5, reps = 30;
+  bool graph = false;
   std::uint64_t seed = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -209,6 +240,7 @@ int main(int argc, char** argv) {
     if (a == "--shapes") shapes = value();
     else if (a == "--paths") paths = value();
     else if (a == "--engine") engine_s = value();
+    else if (a == "--graph") graph = true;
     else if (a == "--warmup") warmup = std::atoi(value().c_str());
     else if (a == "--reps") reps = std::atoi(value().c_str());
     else if (a == "--seed") seed = std::strtoull(value().c_str(), nullptr, 10);
@@ -219,7 +251,11 @@ int main(int argc, char** argv) {
   std::string suffix;
   if (engine_s == "kernel") engine = GemmEngine::Kernel, suffix = "-kernel";
   else if (engine_s == "cublas") engine = GemmEngine::Cublas, suffix = "-cublas";
-  else if (engine_s != "auto") usage("--engine must be auto, kernel or cublas, not '" + engine_s + "'");
+  else if (engine_s == "cutlass") engine = GemmEngine::Cutlass, suffix = "-cutlass";
+  else if (engine_s != "auto") usage("--engine must be auto, kernel, cublas or cutlass, not '" + engine_s + "'");
+  if (graph && engine != GemmEngine::Kernel && engine != GemmEngine::Cutlass)
+    usage("--graph needs --engine kernel or cutlass (the cuBLAS engine waits for the host once per forward)");
+  if (graph) suffix += "-graph";
   std::vector<const Shape*> todo;
   for (const std::string& id : split(shapes)) {
     const Shape* found = nullptr;
@@ -251,7 +287,7 @@ int main(int argc, char** argv) {
       std::string body;
       bool ok = false;
       try {
-        const Result r = run_one(*s, path, engine, warmup, reps, seed);
+        const Result r = run_one(*s, path, engine, graph, warmup, reps, seed);
         ok = r.finite;
         char buf[1024];
         std::snprintf(buf, sizeof buf,
@@ -260,15 +296,15 @@ int main(int argc, char** argv) {
                       "\"ms_fwd_median\": %.6g, \"ms_bwd_median\": %.6g, \"host_bwd_enqueue_ms_median\": %.6g, "
                       "\"dispatch\": \"kmoe::core::cuda::moe_forward/moe_backward (%s, %s engine)\"%s",
                       r.ms_median, r.ms_min, flops / (r.ms_median * 1e-3) / 1e12, r.workspace, r.workspace,
-                      r.cublas_handle, r.cublas ? "cublas" : "kernel", r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
-                      path == MoePath::Scattered ? "scattered" : "padded", r.cublas ? "cublas" : "kernel",
+                      r.cublas_handle, r.engine, r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
+                      path == MoePath::Scattered ? "scattered" : "padded", r.engine,
                       r.finite ? "" : ", \"error\": \"non-finite outputs\"");
         body = buf;
         std::fprintf(stderr,
                      "%-18s %-14s %9.3f ms (min %.3f; fwd %.3f bwd %.3f, bwd host enqueue %.3f)  %6.1f TFLOP/s  "
                      "workspace %.3f GiB  engine %s\n",
                      s->id, impl.c_str(), r.ms_median, r.ms_min, r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
-                     flops / (r.ms_median * 1e-3) / 1e12, r.workspace / 1073741824.0, r.cublas ? "cublas" : "kernel");
+                     flops / (r.ms_median * 1e-3) / 1e12, r.workspace / 1073741824.0, r.engine);
       } catch (const std::exception& e) {
         body = "\"ms_median\": null, \"tflops\": null, \"extra_mem_bytes\": null, \"error\": \"" +
                json_escape(e.what()) + "\"";

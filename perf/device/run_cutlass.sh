@@ -11,7 +11,7 @@
 #   (the device tool returns at most 8 files); a summary last.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-out=${OUT:-/tmp/kmoe-out}/logs${KMOE_CUTLASS_SCHEDULE:+-$KMOE_CUTLASS_SCHEDULE}
+out=${OUT:-/tmp/kmoe-out}/logs
 stages=,${1:-tests,ops,block},
 mkdir -p "$out"
 trap 'tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"' EXIT
@@ -33,21 +33,15 @@ source perf/device/unpack.sh
 # The tests read SRC/../shared/testdata; SRC (a staged worktree) links to this folder, whose parent has no shared/.
 [ -e ../shared ] || ln -s "$PWD/.carry/shared" ../shared
 bin=build-gpu/bin
-# KMOE_CUTLASS_SCHEDULE=pingpong runs the pingpong kernels instead (perf/NOTES.md); tests and ops bench run both.
 if want tests; then
   stage test_cuda_cutlass 300 $bin/tests/test_cuda_cutlass
   grep -E "cutlass vs|rows|OK|FAILED|PASSED|Failure|error" "$out/test_cuda_cutlass.log" | head -n 60
-  KMOE_CUTLASS_SCHEDULE=pingpong stage test_cuda_cutlass_pingpong 300 $bin/tests/test_cuda_cutlass
-  grep -E "OK|FAILED|PASSED|Failure|error" "$out/test_cuda_cutlass_pingpong.log" | head -n 20
   stage test_cuda_moe 400 $bin/tests/test_cuda_moe
   grep -E "cutlass|FAILED|PASSED|Failure" "$out/test_cuda_moe.log" | head -n 40
 fi
 if want ops; then
   stage ops_bench 300 $bin/bench_cutlass_grouped --warmup 3 --reps 10
   grep -v '^{' "$out/ops_bench.log"
-  KMOE_CUTLASS_SCHEDULE=pingpong stage ops_bench_pingpong 300 $bin/bench_cutlass_grouped --warmup 3 --reps 10 \
-    --engines cutlass
-  grep -v '^{' "$out/ops_bench_pingpong.log"
 fi
 if want block; then
   for v in ${BLOCK_VARIANTS:-"cutlass:" "cutlass:--graph" "kernel:--graph" "auto:"}; do

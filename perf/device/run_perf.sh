@@ -4,7 +4,8 @@
 #      dumps mixtral-T2048 and finegrained-T8192 (weights, inputs, the peer's outputs, the f32 reference) to a
 #      scratch dir outside $OUT
 #   2. moe_peer_bench: kmoe's CUDA block on the same shapes, same JSON schema (kmoe-scatter, kmoe-padded), and
-#      variants for the notes (--engine kernel, KMOE_CUBLAS_STREAMS when the build knows it)
+#      variants for the notes (--engine kernel|cublas|cutlass, cutlass --graph, KMOE_CUBLAS_STREAMS when the
+#      build knows it)
 #   3. compare.py: the table (timings)
 #   4. (with .carry/kmoe-gpu-mpi-build.tgz from pack_mpi.sh) test_comm_nccl_np1 and bench_alltoall --backend nccl on
 #      one rank; kmoe finetune --backend cuda vs --backend serial on tests/data/granitemoe-tiny (losses side by side)
@@ -66,6 +67,13 @@ if want kmoe; then
   # variants for perf/NOTES.md (not goal rows): the device-offset kernel engine on every shape; cuBLAS on 4 streams
   TAIL=8 stage kmoe_bench_kernel 240 $bin/moe_peer_bench --engine kernel --warmup 3 --reps 20
   grep '^{' "$logs/kmoe_bench_kernel.log" > "$out/kmoe_variants.jsonl"
+  # each library engine forced (Auto picks one per shape), and the CUTLASS engine's block replayed as a CUDA graph
+  if $bin/moe_peer_bench --engine cutlass --shapes finegrained-T8192 --paths scatter --warmup 0 --reps 1 >/dev/null 2>&1; then
+    for v in cublas cutlass "cutlass --graph"; do
+      TAIL=8 stage "kmoe_bench_${v// /_}" 240 $bin/moe_peer_bench --engine $v --warmup 5 --reps 30
+      grep '^{' "$logs/kmoe_bench_${v// /_}.log" >> "$out/kmoe_variants.jsonl"
+    done
+  fi
   if grep -qa KMOE_CUBLAS_STREAMS $bin/moe_peer_bench; then
     for n in 2 4; do
       KMOE_CUBLAS_STREAMS=$n TAIL=8 stage kmoe_bench_streams$n 240 $bin/moe_peer_bench --warmup 5 --reps 30

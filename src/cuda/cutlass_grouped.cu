@@ -29,8 +29,6 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 namespace kmoe::core::cuda {
@@ -46,18 +44,15 @@ constexpr int kMaxSms = 256;
 /// Blocks per group that zero an empty expert's weight gradient.
 constexpr int kZeroBlocks = 32;
 
-/// The two warp-specialised schedules of CUTLASS's Hopper ptr-array kernels. Cooperative: both consumer warpgroups
-/// share one 128×256 tile (64×256 each), the epilogue follows the mainloop. Pingpong: each consumer warpgroup owns a
-/// 128×128 tile and runs its epilogue while the other runs its mainloop (hides the epilogue: fp32 weight gradients).
+/// The schedule and tile of every kernel: cooperative (both consumer warpgroups share one 128×256 tile, 64×256
+/// each; the epilogue follows the mainloop). Measured on the H100 against the pingpong schedule with 128×128×64 tiles
+/// (each consumer warpgroup its own tile, epilogue overlapped with the other's mainloop): pingpong ran at 0.47–0.95×
+/// the cooperative speed on 17 of the 18 (shape, op) pairs of issue 10 and 1.08× on one (fine-grained dW13)
+/// (perf/NOTES.md, CUTLASS step), so it is not compiled.
 struct Cooperative {
   using Mainloop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-};
-struct Pingpong {
-  using Mainloop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
-  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
 };
 
 /// One CUTLASS grouped GEMM: bf16 A/B with the given layouts, fp32 accumulate, D row-major (bf16 or fp32), C = void
@@ -91,21 +86,9 @@ struct GroupedKernel {
 
 using RowMajor = cutlass::layout::RowMajor;
 using ColumnMajor = cutlass::layout::ColumnMajor;
-template <class S>
-using KernelTN = GroupedKernel<RowMajor, ColumnMajor, void, cutlass::bfloat16_t, S>;
-template <class S>
-using KernelNN = GroupedKernel<RowMajor, RowMajor, cutlass::bfloat16_t, cutlass::bfloat16_t, S>;
-template <class S>
-using KernelWgrad = GroupedKernel<ColumnMajor, RowMajor, void, float, S>;
-
-/// KMOE_CUTLASS_SCHEDULE=pingpong|cooperative (default cooperative): an experiment knob for perf/NOTES.md.
-bool env_pingpong() {
-  static const bool on = [] {
-    const char* e = std::getenv("KMOE_CUTLASS_SCHEDULE");
-    return e && std::string(e) == "pingpong";
-  }();
-  return on;
-}
+using KernelTN = GroupedKernel<RowMajor, ColumnMajor, void, cutlass::bfloat16_t, Cooperative>;
+using KernelNN = GroupedKernel<RowMajor, RowMajor, cutlass::bfloat16_t, cutlass::bfloat16_t, Cooperative>;
+using KernelWgrad = GroupedKernel<ColumnMajor, RowMajor, void, float, Cooperative>;
 
 /// Sets the one dynamic (int64) mode of a ptr-array stride — the leading dimension; the other modes are static.
 template <class Stride>
@@ -269,9 +252,7 @@ std::size_t own_bytes(int groups) {
 }
 
 std::size_t cutlass_own_bytes(int groups) {
-  return std::max({own_bytes<KernelTN<Cooperative>>(groups), own_bytes<KernelNN<Cooperative>>(groups),
-                   own_bytes<KernelWgrad<Cooperative>>(groups), own_bytes<KernelTN<Pingpong>>(groups),
-                   own_bytes<KernelNN<Pingpong>>(groups), own_bytes<KernelWgrad<Pingpong>>(groups)});
+  return std::max({own_bytes<KernelTN>(groups), own_bytes<KernelNN>(groups), own_bytes<KernelWgrad>(groups)});
 }
 
 void check_cutlass(cutlass::Status st, const char* what) {
@@ -295,13 +276,6 @@ void launch(const Setup& s, float beta, void* workspace, cudaStream_t stream) {
   check_cutlass(gemm.initialize(args, arr.cutlass_workspace, stream), "initialize");
   check_cutlass(gemm.run(stream), "run");
   KMOE_CUDA_CHECK_LAUNCH("CUTLASS grouped GEMM");
-}
-
-/// The kernel of layout family KF with the schedule chosen for it.
-template <template <class> class KF>
-void launch_family(const Setup& s, float beta, void* workspace, cudaStream_t stream) {
-  if (env_pingpong()) launch<KF<Pingpong>>(s, beta, workspace, stream);
-  else launch<KF<Cooperative>>(s, beta, workspace, stream);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
@@ -357,14 +331,14 @@ void grouped_gemm_cutlass(const GroupedGemmArgs& a, void* workspace, cudaStream_
     s.halves = a.b1 ? 2 : 1;
     s.half[0] = Half{a.b0, split * K, a.c_bf16, 0, 0, 0, int(split), int(K)};
     if (a.b1) s.half[1] = Half{a.b1, rest * K, a.c_bf16 + split, 0, 0, 0, int(rest), int(K)};
-    return launch_family<KernelTN>(s, 0.f, workspace, stream);
+    return launch<KernelTN>(s, 0.f, workspace, stream);
   }
   // Stored rows of B are the reduction: C = A[:, :split]·b0 (+ A[:, split:]·b1 accumulated by a second launch).
   s.half[0] = Half{a.b0, split * N, a.c_bf16, 0, 0, 0, int(N), int(split)};
-  launch_family<KernelNN>(s, 0.f, workspace, stream);
+  launch<KernelNN>(s, 0.f, workspace, stream);
   if (!a.b1) return;
   s.half[0] = Half{a.b1, rest * N, a.c_bf16, 0, split, 0, int(N), int(rest)};
-  launch_family<KernelNN>(s, 1.f, workspace, stream);
+  launch<KernelNN>(s, 1.f, workspace, stream);
 }
 
 void grouped_gemm_tn_cutlass(const GroupedGemmTNArgs& a, void* workspace, cudaStream_t stream) {
@@ -394,7 +368,7 @@ void grouped_gemm_tn_cutlass(const GroupedGemmTNArgs& a, void* workspace, cudaSt
   s.halves = a.c1 ? 2 : 1;
   s.half[0] = Half{a.b, 0, a.c0, split * N, 0, int(split), int(N), 0};
   if (a.c1) s.half[1] = Half{a.b, 0, a.c1, (M - split) * N, split, int(M - split), int(N), 0};
-  launch_family<KernelWgrad>(s, 0.f, workspace, stream);
+  launch<KernelWgrad>(s, 0.f, workspace, stream);
 }
 
 }  // namespace kmoe::core::cuda

@@ -3,6 +3,8 @@
 // step waits for the host, the cuBLAS engine waits once per forward for the group offsets (kernels.hpp, GemmEngine).
 #include "common.cuh"
 
+#include <kmoe/core/cuda/cutlass_grouped.hpp>
+
 #include <nvtx3/nvToolsExt.h>
 
 #include <string>
@@ -16,7 +18,7 @@ class Range {
  public:
   Range(const char* api, const MoeSaved& m) {
     const std::string name = std::string(api) + "[cuda," + (m.path == MoePath::Padded ? "padded," : "scattered,") +
-                             (m.cublas ? "cublas]" : "kernel]");
+                             (m.cublas ? "cublas]" : m.cutlass ? "cutlass]" : "kernel]");
     nvtxRangePushA(name.c_str());
   }
   ~Range() { nvtxRangePop(); }
@@ -62,16 +64,33 @@ void check_shape(const MoeShape& s) {
 /// The expert GEMMs go to the engine moe_forward chose.
 void expert_gemm(const GroupedGemmArgs& a, const MoeSaved& m, cudaStream_t stream) {
   if (m.cublas) detail::grouped_gemm_cublas(a, m.host_offsets, stream);
+  else if (m.cutlass) grouped_gemm_cutlass(a, m.cutlass_work, stream);
   else grouped_gemm(a, stream);
 }
 void expert_gemm_tn(const GroupedGemmTNArgs& a, const MoeSaved& m, cudaStream_t stream) {
   if (m.cublas) detail::grouped_gemm_tn_cublas(a, m.host_offsets, stream);
+  else if (m.cutlass) grouped_gemm_tn_cutlass(a, m.cutlass_work, stream);
   else grouped_gemm_tn(a, stream);
 }
-/// Where pair p's expert output row lives: padded blocks, sorted rows (cuBLAS engine), or pair order (nullptr).
+/// The library engines (cuBLAS, CUTLASS) cannot read or write rows through the plan: x is gathered into expert
+/// order first and their outputs stay in sorted-row order.
+bool sorted_rows(const MoeSaved& m) { return m.cublas || m.cutlass; }
+/// Where pair p's expert output row lives: padded blocks, sorted rows (library engines), or pair order (nullptr).
 const std::int64_t* out_row_map(const MoeSaved& m) {
   if (m.path == MoePath::Padded) return m.plan.pair_padded_row;
-  return m.cublas ? m.plan.pair_row : nullptr;
+  return sorted_rows(m) ? m.plan.pair_row : nullptr;
+}
+/// The engine that runs: Auto picks by the size of one expert's GEMMs (GemmEngine's comment has the measurements).
+GemmEngine resolve_engine(GemmEngine requested, const MoeShape& s, std::int64_t pairs) {
+  const bool cutlass = cutlass_grouped_available();
+  if (requested == GemmEngine::Cutlass)
+    KMOE_CHECK_USAGE(cutlass, "kmoe::core::cuda::moe_forward: GemmEngine::Cutlass needs a build with "
+                     "KMOE_ENABLE_CUTLASS and a Hopper (sm_90) device");
+  if (requested != GemmEngine::Auto) return requested;
+  const std::int64_t rows = pairs / s.experts;  // average rows per expert
+  if (cutlass)
+    return double(rows) * s.ffn * s.hidden >= kCublasMinExpertWork ? GemmEngine::Cublas : GemmEngine::Cutlass;
+  return rows >= 512 ? GemmEngine::Cublas : GemmEngine::Kernel;
 }
 
 /// The shared expert (one dense SwiGLU MLP over all tokens): y = Ws2 (silu(Ws1 x) * Ws3 x), written (not added).
@@ -174,6 +193,7 @@ std::size_t moe_workspace_bytes(const MoeShape& s, MoePath path) {
   total += align256(b * z.rows * 2 * s.ffn) + align256(b * z.rows * s.ffn) + align256(b * z.rows * s.hidden);
   total += align256(b * z.rows * s.hidden);                                // xg
   total += align256(b * s.tokens * 3 * std::int64_t(s.shared_ffn));      // shared h13, act
+  total += align256(cutlass_grouped_workspace_bytes(s.experts));         // CUTLASS engine's per-group arrays
   return total + scratch_bytes(s, path);
 }
 
@@ -205,6 +225,7 @@ MoeSaved moe_carve(void* workspace, const MoeShape& s, MoePath path) {
   }
   m.scratch_bytes = scratch_bytes(s, path);
   m.scratch = take(m.scratch_bytes);
+  m.cutlass_work = take(cutlass_grouped_workspace_bytes(s.experts));
   return m;
 }
 
@@ -216,8 +237,9 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, c
   if (s.tokens == 0) return;
   dispatch_plan_build(m.topk_idx, plan, stream);
   const bool padded = m.path == MoePath::Padded;
-  m.cublas = m.engine == GemmEngine::Cublas ||
-             (m.engine == GemmEngine::Auto && z.pairs >= 512 * std::int64_t(s.experts));
+  const GemmEngine engine = resolve_engine(m.engine, s, z.pairs);
+  m.cublas = engine == GemmEngine::Cublas;
+  m.cutlass = engine == GemmEngine::Cutlass;
   if (m.cublas) {  // the one host synchronisation of this engine: the group offsets
     m.host_offsets.resize(s.experts + 1);
     KMOE_CUDA_CHECK(cudaMemcpyAsync(m.host_offsets.data(), padded ? plan.padded_offsets : plan.offsets,
@@ -225,8 +247,9 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, c
     KMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
   const Range range("kmoe::moe_forward", m);
-  // x in expert order: padded blocks (MegaBlocks), or sorted rows when cuBLAS cannot read rows through the plan.
-  const bool gathered = padded || m.cublas;
+  // x in expert order: padded blocks (MegaBlocks), or sorted rows when a library engine cannot read rows through
+  // the plan.
+  const bool gathered = padded || sorted_rows(m);
   if (gathered)
     gather_rows(x, s.hidden, padded ? plan.padded_pair : plan.sorted_pair, s.k, nullptr, m.xg, z.rows, stream);
 
@@ -301,7 +324,7 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
 
   const Range range("kmoe::moe_backward", m);
   const std::int64_t* out_row = out_row_map(m);  // pair -> row of m.out
-  const bool gathered = padded || m.cublas;
+  const bool gathered = padded || sorted_rows(m);
   // y = sum_s w_s out_s: d w_s = <dy, out_s>; d out_s = w_s dy, laid out like the expert rows (sorted or padded).
   pair_dot(dy, m.out, s.hidden, out_row, s.tokens, s.k, d_w, stream);
   gather_rows(dy, s.hidden, padded ? plan.padded_pair : plan.sorted_pair, s.k, m.topk_weight, d_out, z.rows, stream);

@@ -8,6 +8,8 @@
 #include "kmoe_test.hpp"
 #include "moe_reference.hpp"
 
+#include <kmoe/core/cuda/cutlass_grouped.hpp>
+
 #include <kmoe/io/checkpoint.hpp>
 #include <kmoe/io/model_spec.hpp>
 #include <kmoe/io/safetensors.hpp>
@@ -27,8 +29,15 @@ using core::cuda::MoePath;
 using test::DeviceBuffer;
 
 const char* path_name(MoePath p) { return p == MoePath::Scattered ? "scattered" : "padded"; }
-const char* engine_name(GemmEngine e) { return e == GemmEngine::Cublas ? "cublas" : "kernel"; }
-const GemmEngine kEngines[] = {GemmEngine::Kernel, GemmEngine::Cublas};
+const char* engine_name(GemmEngine e) {
+  return e == GemmEngine::Cublas ? "cublas" : e == GemmEngine::Cutlass ? "cutlass" : "kernel";
+}
+/// Every engine this build and device can run: every case below runs with each.
+std::vector<GemmEngine> engines() {
+  std::vector<GemmEngine> out = {GemmEngine::Kernel, GemmEngine::Cublas};
+  if (core::cuda::cutlass_grouped_available()) out.push_back(GemmEngine::Cutlass);
+  return out;
+}
 
 /// Everything one GPU run returns, as float64.
 struct GpuRun {
@@ -167,7 +176,7 @@ test::MoeProblem random_problem(const RandomCase& c, unsigned seed) {
 void check_random(const RandomCase& c, unsigned seed) {
   const auto p = random_problem(c, seed);
   for (MoePath path : {MoePath::Scattered, MoePath::Padded})
-  for (GemmEngine engine : kEngines) {
+  for (GemmEngine engine : engines()) {
     char label[160];
     std::snprintf(label, sizeof label, "T=%lld H=%d F=%d E=%d k=%d dead=%d S=%d %s %s", (long long)c.tokens, c.hidden,
                   c.ffn, c.experts, c.k, c.dead_experts, c.shared_ffn, path_name(path), engine_name(engine));
@@ -250,7 +259,7 @@ TEST(CudaMoe, OracleEveryLayerEverySetBothPaths) {
                                 dw1 = want(pre + "grad.w1"), dw3 = want(pre + "grad.w3"), dw2 = want(pre + "grad.w2"),
                                 logits = want(pre + "router_logits"), tw = want(pre + "topk_weight");
       for (MoePath path : {MoePath::Scattered, MoePath::Padded})
-      for (GemmEngine engine : kEngines) {
+      for (GemmEngine engine : engines()) {
         const std::string label =
             set + " layer " + std::to_string(layer) + " " + path_name(path) + " " + engine_name(engine);
         SCOPED_TRACE(label);

@@ -179,9 +179,20 @@ enum class MoePath { Scattered, Padded };
 /// Which engine runs the expert GEMMs. Kernel: kmoe's grouped kernel, split sizes stay on the device (no host sync).
 /// Cublas: cublasGemmEx per expert, which needs the split sizes on the host (one device-to-host copy of E+1 offsets
 /// and a stream synchronisation per forward; the backward reuses them); the scattered layout then gathers x into
-/// expert order first. Auto: Cublas when experts average at least 512 rows, else Kernel (perf/RESULTS.md: cuBLAS
-/// is ~5x faster on large experts, kmoe's kernel ~2x faster on small ones).
-enum class GemmEngine { Auto, Kernel, Cublas };
+/// expert order first. Cutlass: CUTLASS 4.2 Hopper grouped GEMMs, one launch per GEMM operation, per-group sizes
+/// written on the device (<kmoe/core/cuda/cutlass_grouped.hpp>; no host sync, so the block is capturable); needs a
+/// build with KMOE_ENABLE_CUTLASS and an sm_90 device (UsageError otherwise); gathers x like Cublas.
+/// Auto, measured on the H100 (perf/RESULTS.md, CUTLASS section; docs/kernels.md): with CUTLASS, Cutlass unless one
+/// expert's GEMMs are large (average rows per expert × F × H >= kCublasMinExpertWork), then Cublas — per-expert
+/// cublasGemmEx is host-launch-bound on small experts (fine-grained H=2048 F=768 E=64 k=8 T=8192, 1.6e9: CUTLASS
+/// 5.0 ms vs cuBLAS 9.4 ms per forward+backward) and 2-4% faster on large ones (Mixtral T=2048, 3.0e10: 8.5 vs 8.7 ms;
+/// T=8192: 28.1 vs 28.8 ms, its fp32 weight-gradient GEMM). Without CUTLASS: Cublas when experts average at least 512
+/// rows, else Kernel (cuBLAS ~5x faster than kmoe's kernel on large experts, the kernel ~2x faster on small ones).
+/// A CUDA graph can capture the block only with Kernel or Cutlass (Cublas synchronises with the host).
+enum class GemmEngine { Auto, Kernel, Cublas, Cutlass };
+/// Auto's boundary between the CUTLASS and cuBLAS engines: average rows per expert × F × H (between the fine-grained
+/// 1.6e9, where CUTLASS is 1.9x faster, and Mixtral T=2048's 3.0e10, where cuBLAS is 2-4% faster).
+inline constexpr double kCublasMinExpertWork = 8e9;
 
 struct MoeShape {
   std::int64_t tokens = 0;
@@ -214,7 +225,9 @@ struct MoeSaved {
   bf16_t* out = nullptr;          ///< [R,H] unweighted expert outputs (pair order when scattered)
   bf16_t* xg = nullptr;           ///< [R,H] x gathered in expert order (padded path; scattered with Cublas)
   GemmEngine engine = GemmEngine::Auto;  ///< requested engine (set before moe_forward)
-  bool cublas = false;                   ///< the engine moe_forward used
+  bool cublas = false;                   ///< the engine moe_forward used: cuBLAS ...
+  bool cutlass = false;                  ///< ... or CUTLASS (neither: the kernel)
+  void* cutlass_work = nullptr;          ///< the CUTLASS engine's per-group arrays (carved; KMOE_ENABLE_CUTLASS only)
   std::vector<std::int64_t> host_offsets;  ///< [E+1] row offsets of the GEMM groups (Cublas only)
   bf16_t* shared_h13 = nullptr;   ///< [T,2S] shared expert pre-activations (S > 0 only)
   bf16_t* shared_act = nullptr;   ///< [T,S]
