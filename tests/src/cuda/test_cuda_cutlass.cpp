@@ -278,6 +278,69 @@ TEST(CudaCutlass, EveryBlockGemmOnRandomShapes) {
   }
 }
 
+/// The block with the CUTLASS engine never waits for the host, so a CUDA graph can capture a whole forward +
+/// backward; replaying it must give bit-identical results (every kernel is deterministic: no atomics, no split-K).
+TEST(CudaCutlass, BlockIsCapturableInACudaGraph) {
+  KMOE_REQUIRE_CUTLASS();
+  const MoeShape shape{333, 256, 192, 16, 4, 0};
+  const std::int64_t T = shape.tokens, H = shape.hidden, F = shape.ffn, E = shape.experts;
+  DeviceBuffer<std::uint16_t> x(T * H), dy(T * H), gate(E * H), w1(E * F * H), w3(E * F * H), w2(E * H * F), y(T * H);
+  fill_random_bf16(x.get(), T * H, 1.f, 1, nullptr);
+  fill_random_bf16(dy.get(), T * H, 1.f, 2, nullptr);
+  fill_random_bf16(gate.get(), E * H, 0.1f, 3, nullptr);
+  fill_random_bf16(w1.get(), E * F * H, 0.1f, 4, nullptr);
+  fill_random_bf16(w3.get(), E * F * H, 0.1f, 5, nullptr);
+  fill_random_bf16(w2.get(), E * H * F, 0.1f, 6, nullptr);
+  DeviceBuffer<float> dx(T * H), dgate(E * H), dw1(E * F * H), dw3(E * F * H), dw2(E * H * F);
+  DeviceBuffer<unsigned char> work(moe_workspace_bytes(shape, MoePath::Scattered));
+  MoeWeights w;
+  w.gate = gate.get();
+  w.w1 = w1.get();
+  w.w3 = w3.get();
+  w.w2 = w2.get();
+  MoeGrads g;
+  g.dx = dx.get();
+  g.d_gate = dgate.get();
+  g.dw1 = dw1.get();
+  g.dw3 = dw3.get();
+  g.dw2 = dw2.get();
+  MoeSaved saved = moe_carve(work.get(), shape, MoePath::Scattered);
+  saved.engine = GemmEngine::Cutlass;
+  cudaStream_t stream = nullptr;
+  KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  auto step = [&] {
+    moe_forward(x.get(), w, saved, y.get(), stream);
+    moe_backward(x.get(), w, saved, dy.get(), g, stream);
+  };
+  step();  // eager run: the reference (and CUTLASS' one-time host setup)
+  KMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  ASSERT_TRUE(saved.cutlass);
+  const auto y0 = y.download();
+  const auto dx0 = dx.download(), dw10 = dw1.download(), dw30 = dw3.download(), dw20 = dw2.download();
+  const auto dg0 = dgate.download();
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  // Relaxed: CUTLASS' initialize() sets the kernel's shared-memory attribute on the host at each launch.
+  KMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+  step();
+  KMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  KMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (auto* b : {&dx, &dgate, &dw1, &dw3, &dw2}) b->poison();
+  y.poison();
+  work.poison();  // the graph must rebuild everything it reads (plan, saved activations, CUTLASS' arrays)
+  KMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  KMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  EXPECT_EQ(y.download(), y0);
+  EXPECT_EQ(dx.download(), dx0);
+  EXPECT_EQ(dw1.download(), dw10);
+  EXPECT_EQ(dw3.download(), dw30);
+  EXPECT_EQ(dw2.download(), dw20);
+  EXPECT_EQ(dgate.download(), dg0);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
 TEST(CudaCutlass, RejectsIndexedRowsAndMisalignedSizes) {
   KMOE_REQUIRE_CUTLASS();
   DeviceBuffer<unsigned char> work(cutlass_grouped_workspace_bytes(4));

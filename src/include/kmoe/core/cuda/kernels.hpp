@@ -185,13 +185,14 @@ enum class MoePath { Scattered, Padded };
 /// Auto, measured on the H100 (perf/RESULTS.md, CUTLASS section; docs/kernels.md): with CUTLASS, Cutlass unless one
 /// expert's GEMMs are large (average rows per expert × F × H >= kCublasMinExpertWork), then Cublas — per-expert
 /// cublasGemmEx is host-launch-bound on small experts (fine-grained H=2048 F=768 E=64 k=8 T=8192, 1.6e9: CUTLASS
-/// 5.0 ms vs cuBLAS 9.4 ms per forward+backward) and 2-4% faster on large ones (Mixtral T=2048, 3.0e10: 8.5 vs 8.7 ms;
-/// T=8192: 28.1 vs 28.8 ms, its fp32 weight-gradient GEMM). Without CUTLASS: Cublas when experts average at least 512
+/// 4.97 ms vs cuBLAS 7.41 ms per forward+backward, same run) and 1-3% faster on large ones (Mixtral T=2048, 3.0e10:
+/// 8.66 vs 8.83 ms; T=8192: 27.66 vs 28.61 ms, CUTLASS' fp32 weight-gradient GEMM). Without CUTLASS: Cublas when
+/// experts average at least 512
 /// rows, else Kernel (cuBLAS ~5x faster than kmoe's kernel on large experts, the kernel ~2x faster on small ones).
 /// A CUDA graph can capture the block only with Kernel or Cutlass (Cublas synchronises with the host).
 enum class GemmEngine { Auto, Kernel, Cublas, Cutlass };
 /// Auto's boundary between the CUTLASS and cuBLAS engines: average rows per expert × F × H (between the fine-grained
-/// 1.6e9, where CUTLASS is 1.9x faster, and Mixtral T=2048's 3.0e10, where cuBLAS is 2-4% faster).
+/// 1.6e9, where CUTLASS is 1.5-1.9x faster, and Mixtral T=2048's 3.0e10, where cuBLAS is 1-3% faster).
 inline constexpr double kCublasMinExpertWork = 8e9;
 
 struct MoeShape {
