@@ -3,7 +3,7 @@
 // `compare.py peers.jsonl kmoe.jsonl` puts kmoe next to the peers and the dense roofline of the same run.
 //
 //   moe_peer_bench [--shapes mixtral-T8192,mixtral-T2048,finegrained-T8192] [--paths scatter,padded]
-//                  [--engine auto|kernel|cublas] [--warmup 5] [--reps 30] [--seed 0]
+//                  [--engine auto|kernel|cublas] [--grads f32|bf16] [--warmup 5] [--reps 30] [--seed 0]
 //
 // Definitions (docs/perf.md, "Peers and the dense roofline"; the same as peers.py):
 // - ms: CUDA events around each step after the warm-up steps; median (and min) of --reps steps. Also the medians
@@ -16,7 +16,9 @@
 //   cublas_handle_bytes (the device memory that disappeared across the warm-up besides our own allocations).
 // Inputs: random (never zeros), made on the device; weights of standard deviation 1/sqrt(fan_in) as in peers.py.
 // impl names: kmoe-scatter (ScatterMoE layout) / kmoe-padded (MegaBlocks layout); with --engine kernel|cublas the
-// impl gains the suffix "-kernel" / "-cublas" (no goal row; a variant for the tuning notes).
+// impl gains the suffix "-kernel" / "-cublas" (no goal row; a variant for the tuning notes); with --grads bf16 the
+// expert weight gradients are stored in bf16 (MoeGrads::dw*_bf16, as the peers' .grad is) and the impl gains
+// "-bf16grads".
 // Exit code: 0 when every row is ok, 1 otherwise, 2 bad usage.
 #include <kmoe/core/cuda/check.hpp>
 #include <kmoe/core/cuda/kernels.hpp>
@@ -111,7 +113,8 @@ struct Result {
   bool cublas = false, finite = false;
 };
 
-Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int reps, std::uint64_t seed) {
+Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool bf16_grads, int warmup, int reps,
+               std::uint64_t seed) {
   const MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
   const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
   Device dev;
@@ -127,9 +130,15 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int 
   MoeGrads g;
   g.dx = static_cast<float*>(dev.alloc(std::size_t(T * H) * 4));
   g.d_gate = static_cast<float*>(dev.alloc(std::size_t(E * H) * 4));
-  g.dw1 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
-  g.dw3 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
-  g.dw2 = static_cast<float*>(dev.alloc(std::size_t(E * H * F) * 4));
+  if (bf16_grads) {
+    g.dw1_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(E * F * H) * 2));
+    g.dw3_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(E * F * H) * 2));
+    g.dw2_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(E * H * F) * 2));
+  } else {
+    g.dw1 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
+    g.dw3 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
+    g.dw2 = static_cast<float*>(dev.alloc(std::size_t(E * H * F) * 4));
+  }
   Result r;
   r.workspace = moe_workspace_bytes(shape, path);
   void* work = dev.alloc(r.workspace);
@@ -181,7 +190,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int 
   r.bwd_ms = median(bwd);
   r.host_bwd_ms = median(host_bwd);
   r.finite = finite_bf16(y, T * H) && finite_f32(g.dx, T * H) && finite_f32(g.d_gate, E * H) &&
-             finite_f32(g.dw2, E * H * F);
+             (bf16_grads ? finite_bf16(g.dw2_bf16, E * H * F) : finite_f32(g.dw2, E * H * F));
   return r;
 }
 
@@ -197,7 +206,8 @@ std::string json_escape(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto";
+  std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto",
+              grads_s = "f32";
   int warmup = 5, reps = 30;
   std::uint64_t seed = 0;
   for (int i = 1; i < argc; ++i) {
@@ -209,6 +219,7 @@ int main(int argc, char** argv) {
     if (a == "--shapes") shapes = value();
     else if (a == "--paths") paths = value();
     else if (a == "--engine") engine_s = value();
+    else if (a == "--grads") grads_s = value();
     else if (a == "--warmup") warmup = std::atoi(value().c_str());
     else if (a == "--reps") reps = std::atoi(value().c_str());
     else if (a == "--seed") seed = std::strtoull(value().c_str(), nullptr, 10);
@@ -220,6 +231,9 @@ int main(int argc, char** argv) {
   if (engine_s == "kernel") engine = GemmEngine::Kernel, suffix = "-kernel";
   else if (engine_s == "cublas") engine = GemmEngine::Cublas, suffix = "-cublas";
   else if (engine_s != "auto") usage("--engine must be auto, kernel or cublas, not '" + engine_s + "'");
+  if (grads_s != "f32" && grads_s != "bf16") usage("--grads must be f32 or bf16, not '" + grads_s + "'");
+  const bool bf16_grads = grads_s == "bf16";
+  if (bf16_grads) suffix += "-bf16grads";
   std::vector<const Shape*> todo;
   for (const std::string& id : split(shapes)) {
     const Shape* found = nullptr;
@@ -251,7 +265,7 @@ int main(int argc, char** argv) {
       std::string body;
       bool ok = false;
       try {
-        const Result r = run_one(*s, path, engine, warmup, reps, seed);
+        const Result r = run_one(*s, path, engine, bf16_grads, warmup, reps, seed);
         ok = r.finite;
         char buf[1024];
         std::snprintf(buf, sizeof buf,

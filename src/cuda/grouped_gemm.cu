@@ -373,6 +373,8 @@ void grouped_gemm_tn(const GroupedGemmTNArgs& a, cudaStream_t stream) {
                    " must be multiples of 8 (16-byte rows)");
   KMOE_CHECK_INPUT(a.c1 == nullptr || (a.c_split > 0 && a.c_split < a.m), fn, ": c_split ", a.c_split,
                    " outside [1, m)");
+  KMOE_CHECK_INPUT(a.c0_bf16 == nullptr && a.c1_bf16 == nullptr, fn,
+                   ": bf16 weight gradients are written by the cuBLAS engine only (GemmEngine::Cublas)");
   check_ptr16(a.a, "A");
   check_ptr16(a.b, "B");
   if (a.m == 0 || a.n == 0) return;

@@ -36,7 +36,9 @@ struct GpuRun {
   std::vector<std::int64_t> topk_idx;
 };
 
-GpuRun run_gpu(const test::MoeProblem& p, MoePath path, GemmEngine engine = GemmEngine::Kernel) {
+/// bf16_grads: the expert weight gradients in bf16 storage (MoeGrads::dw*_bf16) instead of fp32.
+GpuRun run_gpu(const test::MoeProblem& p, MoePath path, GemmEngine engine = GemmEngine::Kernel,
+               bool bf16_grads = false) {
   core::cuda::MoeShape shape;
   shape.tokens = p.tokens;
   shape.hidden = p.hidden;
@@ -53,9 +55,12 @@ GpuRun run_gpu(const test::MoeProblem& p, MoePath path, GemmEngine engine = Gemm
   DeviceBuffer<std::uint16_t> y(T * H);
   DeviceBuffer<float> dx(T * H), dgate(E * H), dw1(E * F * H), dw3(E * F * H), dw2(E * H * F), dsw1(S * H),
       dsw3(S * H), dsw2(H * S);
+  DeviceBuffer<std::uint16_t> dw1b(bf16_grads ? E * F * H : 0), dw3b(bf16_grads ? E * F * H : 0),
+      dw2b(bf16_grads ? E * H * F : 0);
   work.poison();
   y.poison();
   for (auto* b : {&dx, &dgate, &dw1, &dw3, &dw2, &dsw1, &dsw3, &dsw2}) b->poison();
+  for (auto* b : {&dw1b, &dw3b, &dw2b}) b->poison();
   core::cuda::MoeWeights w;
   w.gate = gate.get();
   w.w1 = w1.get();
@@ -70,9 +75,15 @@ GpuRun run_gpu(const test::MoeProblem& p, MoePath path, GemmEngine engine = Gemm
   core::cuda::MoeGrads g;
   g.dx = dx.get();
   g.d_gate = dgate.get();
-  g.dw1 = dw1.get();
-  g.dw3 = dw3.get();
-  g.dw2 = dw2.get();
+  if (bf16_grads) {
+    g.dw1_bf16 = dw1b.get();
+    g.dw3_bf16 = dw3b.get();
+    g.dw2_bf16 = dw2b.get();
+  } else {
+    g.dw1 = dw1.get();
+    g.dw3 = dw3.get();
+    g.dw2 = dw2.get();
+  }
   g.d_shared_w1 = dsw1.get();
   g.d_shared_w3 = dsw3.get();
   g.d_shared_w2 = dsw2.get();
@@ -93,9 +104,9 @@ GpuRun run_gpu(const test::MoeProblem& p, MoePath path, GemmEngine engine = Gemm
   r.y = test::bf16_bits_to_double(y.download());
   r.dx = f2d(dx.download());
   r.d_gate = f2d(dgate.download());
-  r.dw1 = f2d(dw1.download());
-  r.dw3 = f2d(dw3.download());
-  r.dw2 = f2d(dw2.download());
+  r.dw1 = bf16_grads ? test::bf16_bits_to_double(dw1b.download()) : f2d(dw1.download());
+  r.dw3 = bf16_grads ? test::bf16_bits_to_double(dw3b.download()) : f2d(dw3.download());
+  r.dw2 = bf16_grads ? test::bf16_bits_to_double(dw2b.download()) : f2d(dw2.download());
   r.dsw1 = f2d(dsw1.download());
   r.dsw3 = f2d(dsw3.download());
   r.dsw2 = f2d(dsw2.download());
@@ -164,15 +175,18 @@ test::MoeProblem random_problem(const RandomCase& c, unsigned seed) {
   return p;
 }
 
-void check_random(const RandomCase& c, unsigned seed) {
+/// Every path x engine (bf16_grads: the engines that write bf16 weight gradients, with them).
+void check_random(const RandomCase& c, unsigned seed, bool bf16_grads = false) {
   const auto p = random_problem(c, seed);
   for (MoePath path : {MoePath::Scattered, MoePath::Padded})
   for (GemmEngine engine : kEngines) {
+    if (bf16_grads && engine == GemmEngine::Kernel) continue;  // cuBLAS engine only (kernels.hpp)
     char label[160];
-    std::snprintf(label, sizeof label, "T=%lld H=%d F=%d E=%d k=%d dead=%d S=%d %s %s", (long long)c.tokens, c.hidden,
-                  c.ffn, c.experts, c.k, c.dead_experts, c.shared_ffn, path_name(path), engine_name(engine));
+    std::snprintf(label, sizeof label, "T=%lld H=%d F=%d E=%d k=%d dead=%d S=%d %s %s%s", (long long)c.tokens,
+                  c.hidden, c.ffn, c.experts, c.k, c.dead_experts, c.shared_ffn, path_name(path), engine_name(engine),
+                  bf16_grads ? " bf16-grads" : "");
     SCOPED_TRACE(label);
-    const GpuRun g = run_gpu(p, path, engine);
+    const GpuRun g = run_gpu(p, path, engine, bf16_grads);
     const auto ref = test::moe_reference(p, g.topk_idx, 2e-3);
     EXPECT_EQ(ref.routing_mismatches, 0) << "tokens whose top-k differs beyond a near tie";
     for (int e = c.experts - c.dead_experts; e < c.experts; ++e)
@@ -203,6 +217,36 @@ TEST(CudaMoe, RandomShapesAgainstHostReference) {
   };
   unsigned seed = 1234;
   for (const auto& c : cases) check_random(c, seed++);
+}
+
+// bf16 weight gradients (MoeGrads::dw*_bf16; the cuBLAS engine): the same reference and tolerance, so the only
+// change is the rounding of the stored gradient.
+TEST(CudaMoe, Bf16WeightGradientsAgainstHostReference) {
+  KMOE_REQUIRE_GPU();
+  check_random({1000, 128, 96, 8, 2, 0, 0}, 2234, true);
+  check_random({777, 256, 64, 64, 8, 8, 0}, 2235, true);
+  check_random({129, 64, 40, 8, 8, 0, 72}, 2236, true);
+}
+
+// The kernel engine writes fp32 gradients only: asking it for bf16 is an InputError, not garbage.
+TEST(CudaMoe, KernelEngineRefusesBf16WeightGradients) {
+  KMOE_REQUIRE_GPU();
+  const auto p = random_problem({64, 64, 48, 8, 2, 0, 0}, 99);
+  EXPECT_THROW(run_gpu(p, MoePath::Scattered, GemmEngine::Kernel, true), kmoe::InputError);
+}
+
+// The backward's [R,·] intermediates reuse the forward's saved buffers: the workspace is the saved activations
+// (h13 [R,2F], act [R,F], out and xg [R,H], bf16) plus O(T·E + R) of routing state — not twice that.
+TEST(CudaMoe, WorkspaceIsTheSavedActivations) {
+  for (MoePath path : {MoePath::Scattered, MoePath::Padded}) {
+    core::cuda::MoeShape s;
+    s.tokens = 8192, s.hidden = 4096, s.ffn = 14336, s.experts = 8, s.k = 2;
+    const std::int64_t rows = s.tokens * s.k + (path == MoePath::Padded ? s.experts * 127 : 0);
+    const double saved = 2.0 * rows * (3.0 * s.ffn + 2.0 * s.hidden);
+    const double bytes = double(core::cuda::moe_workspace_bytes(s, path));
+    EXPECT_GE(bytes, saved) << path_name(path);
+    EXPECT_LE(bytes, saved * 1.01) << path_name(path) << ": more than the saved activations";
+  }
 }
 
 // ---- the transformers oracle -------------------------------------------------------------------------------------

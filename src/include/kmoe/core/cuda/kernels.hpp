@@ -159,6 +159,8 @@ struct GroupedGemmTNArgs {
   float* c0 = nullptr;
   float* c1 = nullptr;
   std::int64_t c_split = 0;                ///< c1 nullptr: all rows to c0 (c_split ignored)
+  bf16_t* c0_bf16 = nullptr;               ///< bf16 output instead of c0 (set one of c0 / c0_bf16; fp32 accumulation
+  bf16_t* c1_bf16 = nullptr;               ///< either way), and instead of c1: cuBLAS engine only for now
 };
 void grouped_gemm_tn(const GroupedGemmTNArgs& args, cudaStream_t stream);
 
@@ -166,7 +168,7 @@ void grouped_gemm_tn(const GroupedGemmTNArgs& args, cudaStream_t stream);
 
 /// act[r,f] = silu(h13[r,f]) * h13[r,F+f] for r < rows (h13 = [x·W1ᵀ | x·W3ᵀ], [rows, 2F]).
 void swiglu_forward(const bf16_t* h13, std::int64_t rows, std::int64_t ffn, bf16_t* act, cudaStream_t stream);
-/// dh13[r,f] = d_act * h3 * silu'(h1), dh13[r,F+f] = d_act * silu(h1).
+/// dh13[r,f] = d_act * h3 * silu'(h1), dh13[r,F+f] = d_act * silu(h1). dh13 may be h13 (in place).
 void swiglu_backward(const bf16_t* h13, const bf16_t* d_act, std::int64_t rows, std::int64_t ffn, bf16_t* dh13,
                      cudaStream_t stream);
 
@@ -218,7 +220,7 @@ struct MoeSaved {
   std::vector<std::int64_t> host_offsets;  ///< [E+1] row offsets of the GEMM groups (Cublas only)
   bf16_t* shared_h13 = nullptr;   ///< [T,2S] shared expert pre-activations (S > 0 only)
   bf16_t* shared_act = nullptr;   ///< [T,S]
-  void* scratch = nullptr;        ///< backward scratch
+  void* scratch = nullptr;        ///< backward scratch (small: the [R,·] tensors reuse the buffers above)
   std::size_t scratch_bytes = 0;
 };
 
@@ -231,17 +233,25 @@ MoeSaved moe_carve(void* workspace, const MoeShape& shape, MoePath path);
 /// routing. Enqueued on stream.
 void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& saved, bf16_t* y, cudaStream_t stream);
 
-/// Gradients of L = <y, dy> (fp32, all overwritten).
+/// Gradients of L = <y, dy> (all overwritten). The expert weight gradients come in fp32 (dw1/dw3/dw2) or bf16
+/// (dw1_bf16/...: what a bf16 PyTorch module's .grad holds; the GEMMs still accumulate in fp32, only the stored
+/// result is rounded): set exactly one of each pair. bf16 halves the bytes the weight-gradient GEMMs write
+/// (Mixtral-8x7B layer: 5.6 -> 2.8 GB per step, perf/NOTES.md).
 struct MoeGrads {
   float* dx = nullptr;      ///< [T,H]
   float* d_gate = nullptr;  ///< [E,H]
   float* dw1 = nullptr;     ///< [E,F,H]
   float* dw3 = nullptr;     ///< [E,F,H]
   float* dw2 = nullptr;     ///< [E,H,F]
+  bf16_t* dw1_bf16 = nullptr;  ///< [E,F,H] instead of dw1
+  bf16_t* dw3_bf16 = nullptr;  ///< [E,F,H] instead of dw3
+  bf16_t* dw2_bf16 = nullptr;  ///< [E,H,F] instead of dw2
   float* d_shared_w1 = nullptr;  ///< [S,H] (S > 0 only)
   float* d_shared_w3 = nullptr;  ///< [S,H]
   float* d_shared_w2 = nullptr;  ///< [H,S]
 };
+/// Consumes `saved`: the backward's [R,·] intermediates reuse the forward's saved buffers (h13, act, out, xg) as
+/// each dies, so a forward's MoeSaved serves exactly one backward (run moe_forward again before another backward).
 void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& saved, const bf16_t* dy, const MoeGrads& g,
                   cudaStream_t stream);
 
