@@ -10,9 +10,10 @@
 #      one rank; kmoe finetune --backend cuda vs --backend serial on tests/data/granitemoe-tiny (losses side by side)
 #   5. kmoe block --backend cuda on the dumps + compare.py check (kmoe vs the f32 reference, next to the peer's own
 #      error), and the table again with the checks (Markdown, $OUT/table.md)
+#   6. (stage ncu) Nsight Compute counters of two steps per shape, grouped per kernel class ($OUT/ncu_breakdown.md)
 #
 #   device run, carry [".carry"]:  bash perf/device/run_perf.sh [STAGES]   (STAGES: comma list of
-#   peers,kmoe,checks,nccl,finetune; default all). JSON lines and logs under $OUT; a summary last.
+#   peers,kmoe,checks,nccl,finetune,ncu; default all but ncu). JSON lines and logs under $OUT; a summary last.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-/tmp/kmoe-out}
@@ -126,6 +127,26 @@ if want checks && [ -d "$scratch/dump" ]; then
 fi
 rm -rf "$scratch/dump" "$scratch/k.safetensors"
 
+if want ncu; then
+  # Where the time goes (issue 10, deliverable 2): Nsight Compute counters of every kernel of two steps per shape
+  # (scatter path, default engine), grouped by perf/device/ncu_breakdown.py.
+  echo "== ncu breakdown"
+  metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+  metrics+=,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed
+  for shape in ${KMOE_NCU_SHAPES:-mixtral-T8192 mixtral-T2048 finegrained-T8192}; do
+    TAIL=2 stage "ncu_$shape" 300 ncu --csv --page raw --clock-control none --metrics "$metrics" \
+      $bin/moe_peer_bench --shapes "$shape" --paths scatter --warmup 1 --reps 1 ${KMOE_NCU_BENCH_ARGS:-}
+    ev=$(python3 -c '
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if r["impl"] == "kmoe-scatter" and "%s-T%d" % (r["shape"], r["T"]) == sys.argv[2] and r.get("ms_median"):
+        print(r["ms_median"]); break' "$out/kmoe.jsonl" "$shape" 2>/dev/null)
+    python3 perf/device/ncu_breakdown.py "$logs/ncu_$shape.log" --label "$shape" ${ev:+--event-ms $ev} \
+      | tee -a "$out/ncu_breakdown.md"
+  done
+fi
+
 echo "== summary"
 cat "$out/table.md" 2>/dev/null || cat "$logs/table_timing.txt" 2>/dev/null
 grep -h '' "$out/kmoe_variants.jsonl" 2>/dev/null | python3 -c '
@@ -139,5 +160,6 @@ for l in sys.stdin:
     c = json.loads(l)
     print("check %-13s %-12s T=%d %s worst %s %.2e  rel %s  topk differing vs peer %s vs f32 %s" % (c["impl"], c["shape"], c["T"], "PASS" if c["pass"] else "FAIL", c.get("worst"), c.get("worst_rel") or float("nan"), {k: float("%.2e" % v) for k, v in c["rel"].items()}, c.get("topk_tokens_differing_vs_peer"), c.get("topk_tokens_differing_vs_f32")))'
 cat "$logs/finetune_losses.txt" 2>/dev/null
+cat "$out/ncu_breakdown.md" 2>/dev/null
 printf '%-34s %-14s %s\n' stage result time
 for r in "${rows[@]}"; do IFS='|' read -r a b c <<< "$r"; printf '%-34s %-14s %s\n' "$a" "$b" "$c"; done
