@@ -3,7 +3,8 @@
 // `compare.py peers.jsonl kmoe.jsonl` puts kmoe next to the peers and the dense roofline of the same run.
 //
 //   moe_peer_bench [--shapes mixtral-T8192,mixtral-T2048,finegrained-T8192] [--paths scatter,padded]
-//                  [--engine auto|kernel|cublas] [--warmup 5] [--reps 30] [--seed 0]
+//                  [--engine auto|kernel|cublas] [--swiglu default|fused|unfused|both] [--warmup 5] [--reps 30]
+//                  [--seed 0]
 //
 // Definitions (docs/perf.md, "Peers and the dense roofline"; the same as peers.py):
 // - ms: CUDA events around each step after the warm-up steps; median (and min) of --reps steps. Also the medians
@@ -16,7 +17,10 @@
 //   cublas_handle_bytes (the device memory that disappeared across the warm-up besides our own allocations).
 // Inputs: random (never zeros), made on the device; weights of standard deviation 1/sqrt(fan_in) as in peers.py.
 // impl names: kmoe-scatter (ScatterMoE layout) / kmoe-padded (MegaBlocks layout); with --engine kernel|cublas the
-// impl gains the suffix "-kernel" / "-cublas" (no goal row; a variant for the tuning notes).
+// impl gains the suffix "-kernel" / "-cublas" (no goal row; a variant for the tuning notes). --swiglu fused|unfused
+// sets MoeSaved::fuse_swiglu (default: fused_swiglu_default(), i.e. KMOE_FUSED_SWIGLU) and adds "-fused" /
+// "-unfused"; both runs each (shape, path) unfused then fused, one after the other in the same process.
+// Shape finegrained-T2048 (not in the default list) is a small-expert shape where Auto picks the kernel engine.
 // Exit code: 0 when every row is ok, 1 otherwise, 2 bad usage.
 #include <kmoe/core/cuda/check.hpp>
 #include <kmoe/core/cuda/kernels.hpp>
@@ -47,6 +51,7 @@ const Shape kShapes[] = {
     {"mixtral-T8192", "mixtral", 8192, 4096, 14336, 8, 2},
     {"mixtral-T2048", "mixtral", 2048, 4096, 14336, 8, 2},
     {"finegrained-T8192", "finegrained", 8192, 2048, 768, 64, 8},
+    {"finegrained-T2048", "finegrained", 2048, 2048, 768, 64, 8},  // 256 rows per expert: Auto picks the kernel
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -109,9 +114,11 @@ struct Result {
   double host_bwd_ms = 0;         ///< median host time to enqueue moe_backward (no host sync inside it)
   std::size_t workspace = 0, cublas_handle = 0;
   bool cublas = false, finite = false;
+  bool swiglu_fused = false;  ///< the routed experts' SwiGLU ran in the GEMM epilogues (kernel engine, fuse on)
 };
 
-Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int reps, std::uint64_t seed) {
+/// fuse: MoeSaved::fuse_swiglu, or -1 for its default.
+Result run_one(const Shape& s, MoePath path, GemmEngine engine, int fuse, int warmup, int reps, std::uint64_t seed) {
   const MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
   const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
   Device dev;
@@ -135,6 +142,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int 
   void* work = dev.alloc(r.workspace);
   MoeSaved saved = moe_carve(work, shape, path);
   saved.engine = engine;
+  if (fuse >= 0) saved.fuse_swiglu = fuse == 1;
   auto step = [&] {  // warm-up steps
     moe_forward(x, w, saved, y, nullptr);
     moe_backward(x, w, saved, dy, g, nullptr);
@@ -146,6 +154,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, int warmup, int 
   const std::size_t free_after = free_bytes();
   r.cublas_handle = free_before > free_after ? free_before - free_after : 0;
   r.cublas = saved.cublas;
+  r.swiglu_fused = saved.fuse_swiglu && !saved.cublas;
   // Events before, between and after the two halves; the host clock around the backward's enqueue (a backward
   // whose enqueue takes as long as its GPU time is bound by launches, not by the GPU).
   std::vector<cudaEvent_t> ev(3 * std::size_t(reps));
@@ -197,7 +206,8 @@ std::string json_escape(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto";
+  std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto",
+              swiglu_s = "default";
   int warmup = 5, reps = 30;
   std::uint64_t seed = 0;
   for (int i = 1; i < argc; ++i) {
@@ -209,6 +219,7 @@ int main(int argc, char** argv) {
     if (a == "--shapes") shapes = value();
     else if (a == "--paths") paths = value();
     else if (a == "--engine") engine_s = value();
+    else if (a == "--swiglu") swiglu_s = value();
     else if (a == "--warmup") warmup = std::atoi(value().c_str());
     else if (a == "--reps") reps = std::atoi(value().c_str());
     else if (a == "--seed") seed = std::strtoull(value().c_str(), nullptr, 10);
@@ -220,12 +231,19 @@ int main(int argc, char** argv) {
   if (engine_s == "kernel") engine = GemmEngine::Kernel, suffix = "-kernel";
   else if (engine_s == "cublas") engine = GemmEngine::Cublas, suffix = "-cublas";
   else if (engine_s != "auto") usage("--engine must be auto, kernel or cublas, not '" + engine_s + "'");
+  std::vector<int> fuse_list;  // MoeSaved::fuse_swiglu per run, -1: its default
+  if (swiglu_s == "default") fuse_list = {-1};
+  else if (swiglu_s == "fused") fuse_list = {1};
+  else if (swiglu_s == "unfused") fuse_list = {0};
+  else if (swiglu_s == "both") fuse_list = {0, 1};
+  else usage("--swiglu must be default, fused, unfused or both, not '" + swiglu_s + "'");
   std::vector<const Shape*> todo;
   for (const std::string& id : split(shapes)) {
     const Shape* found = nullptr;
     for (const Shape& s : kShapes)
       if (id == s.id) found = &s;
-    if (!found) usage("unknown shape '" + id + "' (mixtral-T8192, mixtral-T2048, finegrained-T8192)");
+    if (!found)
+      usage("unknown shape '" + id + "' (mixtral-T8192, mixtral-T2048, finegrained-T8192, finegrained-T2048)");
     todo.push_back(found);
   }
   std::vector<MoePath> path_list;
@@ -245,34 +263,39 @@ int main(int argc, char** argv) {
                device_description().c_str(), warmup, reps, engine_s.c_str());
   int failures = 0;
   for (const Shape* s : todo) {
-    for (MoePath path : path_list) {
-      const std::string impl = std::string(path == MoePath::Scattered ? "kmoe-scatter" : "kmoe-padded") + suffix;
+    for (MoePath path : path_list)
+    for (int fuse : fuse_list) {
+      const std::string impl = std::string(path == MoePath::Scattered ? "kmoe-scatter" : "kmoe-padded") + suffix +
+                               (fuse < 0 ? "" : fuse ? "-fused" : "-unfused");
       const double flops = 18.0 * double(s->tokens) * s->k * double(s->hidden) * s->ffn;
       std::string body;
       bool ok = false;
       try {
-        const Result r = run_one(*s, path, engine, warmup, reps, seed);
+        const Result r = run_one(*s, path, engine, fuse, warmup, reps, seed);
         ok = r.finite;
         char buf[1024];
         std::snprintf(buf, sizeof buf,
                       "\"ms_median\": %.6g, \"ms_min\": %.6g, \"tflops\": %.6g, \"extra_mem_bytes\": %zu, "
                       "\"workspace_bytes\": %zu, \"cublas_handle_bytes\": %zu, \"engine\": \"%s\", "
+                      "\"swiglu\": \"%s\", "
                       "\"ms_fwd_median\": %.6g, \"ms_bwd_median\": %.6g, \"host_bwd_enqueue_ms_median\": %.6g, "
                       "\"dispatch\": \"kmoe::core::cuda::moe_forward/moe_backward (%s, %s engine)\"%s",
                       r.ms_median, r.ms_min, flops / (r.ms_median * 1e-3) / 1e12, r.workspace, r.workspace,
-                      r.cublas_handle, r.cublas ? "cublas" : "kernel", r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
+                      r.cublas_handle, r.cublas ? "cublas" : "kernel", r.swiglu_fused ? "fused" : "separate",
+                      r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
                       path == MoePath::Scattered ? "scattered" : "padded", r.cublas ? "cublas" : "kernel",
                       r.finite ? "" : ", \"error\": \"non-finite outputs\"");
         body = buf;
         std::fprintf(stderr,
-                     "%-18s %-14s %9.3f ms (min %.3f; fwd %.3f bwd %.3f, bwd host enqueue %.3f)  %6.1f TFLOP/s  "
-                     "workspace %.3f GiB  engine %s\n",
+                     "%-18s %-26s %9.3f ms (min %.3f; fwd %.3f bwd %.3f, bwd host enqueue %.3f)  %6.1f TFLOP/s  "
+                     "workspace %.3f GiB  engine %s  swiglu %s\n",
                      s->id, impl.c_str(), r.ms_median, r.ms_min, r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
-                     flops / (r.ms_median * 1e-3) / 1e12, r.workspace / 1073741824.0, r.cublas ? "cublas" : "kernel");
+                     flops / (r.ms_median * 1e-3) / 1e12, r.workspace / 1073741824.0, r.cublas ? "cublas" : "kernel",
+                     r.swiglu_fused ? "fused" : "separate");
       } catch (const std::exception& e) {
         body = "\"ms_median\": null, \"tflops\": null, \"extra_mem_bytes\": null, \"error\": \"" +
                json_escape(e.what()) + "\"";
-        std::fprintf(stderr, "%-18s %-14s FAILED: %s\n", s->id, impl.c_str(), e.what());
+        std::fprintf(stderr, "%-18s %-26s FAILED: %s\n", s->id, impl.c_str(), e.what());
         cudaGetLastError();
       }
       failures += ok ? 0 : 1;
