@@ -3,7 +3,8 @@
 // `compare.py peers.jsonl kmoe.jsonl` puts kmoe next to the peers and the dense roofline of the same run.
 //
 //   moe_peer_bench [--shapes mixtral-T8192,mixtral-T2048,finegrained-T8192] [--paths scatter,padded]
-//                  [--engine auto|kernel|cublas] [--grads f32|bf16] [--warmup 5] [--reps 30] [--seed 0]
+//                  [--engine auto|kernel|cublas] [--swiglu default|fused|unfused|both] [--grads f32|bf16]
+//                  [--warmup 5] [--reps 30] [--seed 0]
 //
 // Definitions (docs/perf.md, "Peers and the dense roofline"; the same as peers.py):
 // - ms: CUDA events around each step after the warm-up steps; median (and min) of --reps steps. Also the medians
@@ -16,9 +17,11 @@
 //   cublas_handle_bytes (the device memory that disappeared across the warm-up besides our own allocations).
 // Inputs: random (never zeros), made on the device; weights of standard deviation 1/sqrt(fan_in) as in peers.py.
 // impl names: kmoe-scatter (ScatterMoE layout) / kmoe-padded (MegaBlocks layout); with --engine kernel|cublas the
-// impl gains the suffix "-kernel" / "-cublas" (no goal row; a variant for the tuning notes); with --grads bf16 the
-// expert weight gradients are stored in bf16 (MoeGrads::dw*_bf16, as the peers' .grad is) and the impl gains
-// "-bf16grads".
+// impl gains the suffix "-kernel" / "-cublas" (no goal row; a variant for the tuning notes). --swiglu fused|unfused
+// sets MoeSaved::fuse_swiglu (default: fused_swiglu_default(), i.e. KMOE_FUSED_SWIGLU) and adds "-fused" /
+// "-unfused"; both runs each (shape, path) unfused then fused, one after the other in the same process.
+// With --grads bf16 the expert weight gradients are stored in bf16 (MoeGrads::dw*_bf16, as the peers' .grad is) and
+// the impl gains "-bf16grads". Shape finegrained-T2048 (not in the default list) is a small-expert shape where Auto picks the kernel engine.
 // Exit code: 0 when every row is ok, 1 otherwise, 2 bad usage.
 #include <kmoe/core/cuda/check.hpp>
 #include <kmoe/core/cuda/kernels.hpp>
@@ -49,6 +52,7 @@ const Shape kShapes[] = {
     {"mixtral-T8192", "mixtral", 8192, 4096, 14336, 8, 2},
     {"mixtral-T2048", "mixtral", 2048, 4096, 14336, 8, 2},
     {"finegrained-T8192", "finegrained", 8192, 2048, 768, 64, 8},
+    {"finegrained-T2048", "finegrained", 2048, 2048, 768, 64, 8},  // 256 rows per expert: Auto picks the kernel
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -111,9 +115,11 @@ struct Result {
   double host_bwd_ms = 0;         ///< median host time to enqueue moe_backward (no host sync inside it)
   std::size_t workspace = 0, cublas_handle = 0;
   bool cublas = false, finite = false;
+  bool swiglu_fused = false;  ///< the routed experts' SwiGLU ran in the GEMM epilogues (kernel engine, fuse on)
 };
 
-Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool bf16_grads, int warmup, int reps,
+/// fuse: MoeSaved::fuse_swiglu, or -1 for its default.
+Result run_one(const Shape& s, MoePath path, GemmEngine engine, int fuse, bool bf16_grads, int warmup, int reps,
                std::uint64_t seed) {
   const MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
   const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
@@ -144,6 +150,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool bf16_grads,
   void* work = dev.alloc(r.workspace);
   MoeSaved saved = moe_carve(work, shape, path);
   saved.engine = engine;
+  if (fuse >= 0) saved.fuse_swiglu = fuse == 1;
   auto step = [&] {  // warm-up steps
     moe_forward(x, w, saved, y, nullptr);
     moe_backward(x, w, saved, dy, g, nullptr);
@@ -155,6 +162,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool bf16_grads,
   const std::size_t free_after = free_bytes();
   r.cublas_handle = free_before > free_after ? free_before - free_after : 0;
   r.cublas = saved.cublas;
+  r.swiglu_fused = saved.fuse_swiglu && !saved.cublas;
   // Events before, between and after the two halves; the host clock around the backward's enqueue (a backward
   // whose enqueue takes as long as its GPU time is bound by launches, not by the GPU).
   std::vector<cudaEvent_t> ev(3 * std::size_t(reps));
@@ -207,7 +215,7 @@ std::string json_escape(const std::string& s) {
 
 int main(int argc, char** argv) {
   std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto",
-              grads_s = "f32";
+              swiglu_s = "default", grads_s = "f32";
   int warmup = 5, reps = 30;
   std::uint64_t seed = 0;
   for (int i = 1; i < argc; ++i) {
@@ -219,6 +227,7 @@ int main(int argc, char** argv) {
     if (a == "--shapes") shapes = value();
     else if (a == "--paths") paths = value();
     else if (a == "--engine") engine_s = value();
+    else if (a == "--swiglu") swiglu_s = value();
     else if (a == "--grads") grads_s = value();
     else if (a == "--warmup") warmup = std::atoi(value().c_str());
     else if (a == "--reps") reps = std::atoi(value().c_str());
@@ -234,12 +243,19 @@ int main(int argc, char** argv) {
   if (grads_s != "f32" && grads_s != "bf16") usage("--grads must be f32 or bf16, not '" + grads_s + "'");
   const bool bf16_grads = grads_s == "bf16";
   if (bf16_grads) suffix += "-bf16grads";
+  std::vector<int> fuse_list;  // MoeSaved::fuse_swiglu per run, -1: its default
+  if (swiglu_s == "default") fuse_list = {-1};
+  else if (swiglu_s == "fused") fuse_list = {1};
+  else if (swiglu_s == "unfused") fuse_list = {0};
+  else if (swiglu_s == "both") fuse_list = {0, 1};
+  else usage("--swiglu must be default, fused, unfused or both, not '" + swiglu_s + "'");
   std::vector<const Shape*> todo;
   for (const std::string& id : split(shapes)) {
     const Shape* found = nullptr;
     for (const Shape& s : kShapes)
       if (id == s.id) found = &s;
-    if (!found) usage("unknown shape '" + id + "' (mixtral-T8192, mixtral-T2048, finegrained-T8192)");
+    if (!found)
+      usage("unknown shape '" + id + "' (mixtral-T8192, mixtral-T2048, finegrained-T8192, finegrained-T2048)");
     todo.push_back(found);
   }
   std::vector<MoePath> path_list;
@@ -259,34 +275,39 @@ int main(int argc, char** argv) {
                device_description().c_str(), warmup, reps, engine_s.c_str());
   int failures = 0;
   for (const Shape* s : todo) {
-    for (MoePath path : path_list) {
-      const std::string impl = std::string(path == MoePath::Scattered ? "kmoe-scatter" : "kmoe-padded") + suffix;
+    for (MoePath path : path_list)
+    for (int fuse : fuse_list) {
+      const std::string impl = std::string(path == MoePath::Scattered ? "kmoe-scatter" : "kmoe-padded") + suffix +
+                               (fuse < 0 ? "" : fuse ? "-fused" : "-unfused");
       const double flops = 18.0 * double(s->tokens) * s->k * double(s->hidden) * s->ffn;
       std::string body;
       bool ok = false;
       try {
-        const Result r = run_one(*s, path, engine, bf16_grads, warmup, reps, seed);
+        const Result r = run_one(*s, path, engine, fuse, bf16_grads, warmup, reps, seed);
         ok = r.finite;
         char buf[1024];
         std::snprintf(buf, sizeof buf,
                       "\"ms_median\": %.6g, \"ms_min\": %.6g, \"tflops\": %.6g, \"extra_mem_bytes\": %zu, "
                       "\"workspace_bytes\": %zu, \"cublas_handle_bytes\": %zu, \"engine\": \"%s\", "
+                      "\"swiglu\": \"%s\", "
                       "\"ms_fwd_median\": %.6g, \"ms_bwd_median\": %.6g, \"host_bwd_enqueue_ms_median\": %.6g, "
                       "\"dispatch\": \"kmoe::core::cuda::moe_forward/moe_backward (%s, %s engine)\"%s",
                       r.ms_median, r.ms_min, flops / (r.ms_median * 1e-3) / 1e12, r.workspace, r.workspace,
-                      r.cublas_handle, r.cublas ? "cublas" : "kernel", r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
+                      r.cublas_handle, r.cublas ? "cublas" : "kernel", r.swiglu_fused ? "fused" : "separate",
+                      r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
                       path == MoePath::Scattered ? "scattered" : "padded", r.cublas ? "cublas" : "kernel",
                       r.finite ? "" : ", \"error\": \"non-finite outputs\"");
         body = buf;
         std::fprintf(stderr,
-                     "%-18s %-14s %9.3f ms (min %.3f; fwd %.3f bwd %.3f, bwd host enqueue %.3f)  %6.1f TFLOP/s  "
-                     "workspace %.3f GiB  engine %s\n",
+                     "%-18s %-26s %9.3f ms (min %.3f; fwd %.3f bwd %.3f, bwd host enqueue %.3f)  %6.1f TFLOP/s  "
+                     "workspace %.3f GiB  engine %s  swiglu %s\n",
                      s->id, impl.c_str(), r.ms_median, r.ms_min, r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
-                     flops / (r.ms_median * 1e-3) / 1e12, r.workspace / 1073741824.0, r.cublas ? "cublas" : "kernel");
+                     flops / (r.ms_median * 1e-3) / 1e12, r.workspace / 1073741824.0, r.cublas ? "cublas" : "kernel",
+                     r.swiglu_fused ? "fused" : "separate");
       } catch (const std::exception& e) {
         body = "\"ms_median\": null, \"tflops\": null, \"extra_mem_bytes\": null, \"error\": \"" +
                json_escape(e.what()) + "\"";
-        std::fprintf(stderr, "%-18s %-14s FAILED: %s\n", s->id, impl.c_str(), e.what());
+        std::fprintf(stderr, "%-18s %-26s FAILED: %s\n", s->id, impl.c_str(), e.what());
         cudaGetLastError();
       }
       failures += ok ? 0 : 1;

@@ -117,8 +117,6 @@ __global__ void pair_dot_kernel(const bf16_t* __restrict__ dy, const bf16_t* __r
   if (lane == 0) d_w[p] = acc;
 }
 
-__device__ __forceinline__ float sigmoidf(float a) { return 1.f / (1.f + __expf(-a)); }
-
 __global__ void swiglu_forward_kernel(const bf16_t* __restrict__ h13, std::int64_t rows, std::int64_t ffn8,
                                       bf16_t* __restrict__ act) {
   const std::int64_t items = rows * ffn8;
@@ -130,7 +128,7 @@ __global__ void swiglu_forward_kernel(const bf16_t* __restrict__ h13, std::int64
     detail::unpack8(row[c], h1);
     detail::unpack8(row[ffn8 + c], h3);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] = h1[e] * sigmoidf(h1[e]) * h3[e];
+    for (int e = 0; e < 8; ++e) o[e] = detail::swiglu(h1[e], h3[e]);
     reinterpret_cast<Bf16x8*>(act)[r * ffn8 + c] = detail::pack8(o);
   }
 }
@@ -149,12 +147,7 @@ __global__ void swiglu_backward_kernel(const bf16_t* h13, const bf16_t* __restri
     detail::unpack8(row[ffn8 + c], h3);
     detail::unpack8(reinterpret_cast<const Bf16x8*>(d_act)[r * ffn8 + c], da);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const float sg = sigmoidf(h1[e]);
-      const float silu = h1[e] * sg;
-      d3[e] = da[e] * silu;
-      d1[e] = da[e] * h3[e] * (sg + silu * (1.f - sg));  // silu'(a) = s + a s (1 - s)
-    }
+    for (int e = 0; e < 8; ++e) detail::swiglu_grad(h1[e], h3[e], da[e], d1[e], d3[e]);
     auto* out = reinterpret_cast<Bf16x8*>(dh13) + r * 2 * ffn8;
     out[c] = detail::pack8(d1);
     out[ffn8 + c] = detail::pack8(d3);

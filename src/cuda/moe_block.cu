@@ -72,6 +72,48 @@ const std::int64_t* out_row_map(const MoeSaved& m) {
   return m.cublas ? m.plan.pair_row : nullptr;
 }
 
+/// Whether an expert GEMM fuses SwiGLU into its epilogue: kmoe's kernel only (cuBLAS has no SwiGLU epilogue), unless
+/// MoeSaved::fuse_swiglu is off. routed: the routed experts (engine chosen by moe_forward); the shared expert always
+/// runs on kmoe's kernel.
+bool fused_swiglu(const MoeSaved& m, bool routed) { return m.fuse_swiglu && !(routed && m.cublas); }
+void run_gemm(const GroupedGemmArgs& a, const MoeSaved& m, bool routed, cudaStream_t stream) {
+  if (routed) expert_gemm(a, m, stream);
+  else grouped_gemm(a, stream);
+}
+
+/// `up` writes h13 = rows·[W1;W3]ᵀ to up.c_bf16 (b_split = F); then act = silu(h1)·h3: one GEMM with the SwiGLU
+/// epilogue (writing h13 and act; h13 is never read back) or the GEMM and swiglu_forward.
+void up_projection_swiglu(GroupedGemmArgs up, bf16_t* act, const MoeSaved& m, bool routed, cudaStream_t stream) {
+  if (fused_swiglu(m, routed)) {
+    up.epilogue = GemmEpilogue::SwigluForward;
+    up.h13_out = up.c_bf16;
+    up.ld_h13 = up.ldc;
+    up.c_bf16 = act;
+    up.ldc = up.b_split;
+    grouped_gemm(up, stream);
+    return;
+  }
+  run_gemm(up, m, routed, stream);
+  swiglu_forward(up.c_bf16, up.rows, up.b_split, act, stream);
+}
+
+/// `g` writes d_act = d_out·W2 to g.c_bf16 (n = F); then dh13 = SwiGLU backward(h13, d_act): one GEMM whose epilogue
+/// reads h13 and writes dh13 (d_act never reaches memory) or the GEMM and swiglu_backward.
+void act_grad_swiglu(GroupedGemmArgs g, const bf16_t* h13, bf16_t* dh13, const MoeSaved& m, bool routed,
+                     cudaStream_t stream) {
+  if (fused_swiglu(m, routed)) {
+    g.epilogue = GemmEpilogue::SwigluBackward;
+    g.h13_in = h13;
+    g.ld_h13 = 2 * g.n;
+    g.c_bf16 = dh13;
+    g.ldc = 2 * g.n;
+    grouped_gemm(g, stream);
+    return;
+  }
+  run_gemm(g, m, routed, stream);
+  swiglu_backward(h13, g.c_bf16, g.rows, g.n, dh13, stream);
+}
+
 /// The shared expert (one dense SwiGLU MLP over all tokens): y = Ws2 (silu(Ws1 x) * Ws3 x), written (not added).
 void shared_forward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, bf16_t* y, cudaStream_t stream) {
   const MoeShape& s = m.shape;
@@ -88,8 +130,7 @@ void shared_forward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, bf1
   up.b_split = S;
   up.c_bf16 = m.shared_h13;
   up.ldc = 2 * S;
-  grouped_gemm(up, stream);
-  swiglu_forward(m.shared_h13, s.tokens, S, m.shared_act, stream);
+  up_projection_swiglu(up, m.shared_act, m, false, stream);
   GroupedGemmArgs down;
   down.rows = s.tokens;
   down.n = s.hidden;
@@ -131,8 +172,7 @@ void shared_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, co
   a.b0 = w.shared_w2;  // [H,S] = [K,N]
   a.c_bf16 = d_act;
   a.ldc = S;
-  grouped_gemm(a, stream);
-  swiglu_backward(m.shared_h13, d_act, s.tokens, S, dh13, stream);
+  act_grad_swiglu(a, m.shared_h13, dh13, m, false, stream);
   GroupedGemmArgs b;
   b.rows = s.tokens;
   b.n = s.hidden;
@@ -247,8 +287,7 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, c
   up.b_split = s.ffn;
   up.c_bf16 = m.h13;
   up.ldc = 2 * std::int64_t(s.ffn);
-  expert_gemm(up, m, stream);
-  swiglu_forward(m.h13, z.rows, s.ffn, m.act, stream);
+  up_projection_swiglu(up, m.act, m, true, stream);
 
   // out = act · W2ᵀ: scattered writes each row back to its pair's place (pair order), padded keeps block order.
   GroupedGemmArgs down = up;
@@ -345,8 +384,7 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   g.b0 = w.w2;
   g.c_bf16 = d_act;
   g.ldc = s.ffn;
-  expert_gemm(g, m, stream);
-  swiglu_backward(m.h13, d_act, z.rows, s.ffn, dh13, stream);
+  act_grad_swiglu(g, m.h13, dh13, m, true, stream);
 
   // Weight gradients d[W1;W3]_e = dh13_eᵀ · x_e (before dx: xg's buffer becomes dx_rows next).
   GroupedGemmTNArgs t;

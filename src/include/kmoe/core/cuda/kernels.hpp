@@ -110,6 +110,19 @@ void pair_dot(const bf16_t* dy, const bf16_t* src, std::int64_t cols, const std:
 
 // ---- grouped GEMMs (bf16 tensor cores, fp32 accumulate) ----------------------------------------------------------
 
+/// What grouped_gemm does with its fp32 tile before storing it. The SwiGLU epilogues exist in kmoe's kernel only (the
+/// cuBLAS engine has no such epilogue); they remove the separate swiglu_forward / swiglu_backward passes.
+///  Store          C = the GEMM (bf16 or fp32, optionally accumulated).
+///  SwigluForward  the GEMM is h13 = A·[W1;W3]ᵀ (b_trans, b1 given, n = 2·b_split = 2F): each block computes the same
+///                 columns f of h1 and h3, and C [rows, F] receives act = silu(h1)·h3 (from the bf16-rounded h1, h3,
+///                 as swiglu_forward computes it from the stored h13); h13_out (nullptr: not stored) receives h13.
+///  SwigluBackward the GEMM is d_act = A·W2 (b_trans = false, n = F); h13_in [rows, 2F] is read at C's rows and
+///                 C [rows, 2F] receives dh13 = [d_act·h3·silu'(h1) | d_act·silu(h1)] (d_act rounded to bf16 first,
+///                 as swiglu_backward reads it); d_act never reaches memory. C may alias h13_in (each element is read
+///                 before it is written, by the same thread).
+/// Fused epilogues need bf16 C, not accumulated, F, ldc and ld_h13 multiples of 8 and 16-byte aligned C and h13.
+enum class GemmEpilogue { Store, SwigluForward, SwigluBackward };
+
 /// Row-grouped GEMM: for each group g and row r in [offsets[g], offsets[g+1]):
 ///   C[crow(r), :] = A[arow(r), :] · op(B_g)
 /// arow(r) = a_index ? a_index[r] / a_div : r (a_index[r] < 0 reads a zero row); crow(r) = c_index ? c_index[r] : r.
@@ -137,6 +150,10 @@ struct GroupedGemmArgs {
   std::int64_t ldc = 0;
   const std::int64_t* c_index = nullptr;
   bool accumulate = false;                     ///< C += (fp32 output only)
+  GemmEpilogue epilogue = GemmEpilogue::Store;
+  bf16_t* h13_out = nullptr;                   ///< SwigluForward: [rows, 2F] pre-activations written, or nullptr
+  const bf16_t* h13_in = nullptr;              ///< SwigluBackward: [rows, 2F] pre-activations read
+  std::int64_t ld_h13 = 0;
 };
 void grouped_gemm(const GroupedGemmArgs& args, cudaStream_t stream);
 
@@ -160,7 +177,7 @@ struct GroupedGemmTNArgs {
   float* c1 = nullptr;
   std::int64_t c_split = 0;                ///< c1 nullptr: all rows to c0 (c_split ignored)
   bf16_t* c0_bf16 = nullptr;               ///< bf16 output instead of c0 (set one of c0 / c0_bf16; fp32 accumulation
-  bf16_t* c1_bf16 = nullptr;               ///< either way), and instead of c1: cuBLAS engine only for now
+  bf16_t* c1_bf16 = nullptr;               ///< either way), and instead of c1
 };
 void grouped_gemm_tn(const GroupedGemmTNArgs& args, cudaStream_t stream);
 
@@ -202,6 +219,9 @@ struct MoeWeights {
   const bf16_t* shared_w2 = nullptr;
 };
 
+/// false when the environment sets KMOE_FUSED_SWIGLU=0 (the separate SwiGLU passes, for comparisons), else true.
+bool fused_swiglu_default();
+
 /// What the forward keeps for the backward, and the plan; carved from one workspace buffer.
 struct MoeSaved {
   MoeShape shape;
@@ -216,6 +236,10 @@ struct MoeSaved {
   bf16_t* out = nullptr;          ///< [R,H] unweighted expert outputs (pair order when scattered)
   bf16_t* xg = nullptr;           ///< [R,H] x gathered in expert order (padded path; scattered with Cublas)
   GemmEngine engine = GemmEngine::Auto;  ///< requested engine (set before moe_forward)
+  /// SwiGLU fused into the kernel engine's GEMM epilogues (GemmEpilogue), used by the routed experts on the kernel
+  /// engine and by the shared expert; the cuBLAS engine always runs the separate passes. Defaults to
+  /// fused_swiglu_default(); false keeps the separate passes (for comparisons).
+  bool fuse_swiglu = fused_swiglu_default();
   bool cublas = false;                   ///< the engine moe_forward used
   std::vector<std::int64_t> host_offsets;  ///< [E+1] row offsets of the GEMM groups (Cublas only)
   bf16_t* shared_h13 = nullptr;   ///< [T,2S] shared expert pre-activations (S > 0 only)
@@ -235,7 +259,7 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& saved, bf16_t* 
 
 /// Gradients of L = <y, dy> (all overwritten). The expert weight gradients come in fp32 (dw1/dw3/dw2) or bf16
 /// (dw1_bf16/...: what a bf16 PyTorch module's .grad holds; the GEMMs still accumulate in fp32, only the stored
-/// result is rounded): set exactly one of each pair. bf16 halves the bytes the weight-gradient GEMMs write
+/// result is rounded; every engine): set exactly one of each pair. bf16 halves the bytes the weight-gradient GEMMs write
 /// (Mixtral-8x7B layer: 5.6 -> 2.8 GB per step, perf/NOTES.md).
 struct MoeGrads {
   float* dx = nullptr;      ///< [T,H]
