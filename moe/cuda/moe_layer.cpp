@@ -95,6 +95,7 @@ void MoeLayer<bf16, Kokkos::Cuda>::forward(const_matrix x, matrix y) {
   check_contiguous(fn, "y", y);
   Kokkos::Profiling::pushRegion(forward_region());
   have_forward_ = false;
+  saved_consumed_ = false;
   plan_on_host_ = false;
   const auto path = block_.padded ? kc::MoePath::Padded : kc::MoePath::Scattered;
   shape_.tokens = x.extent(0);
@@ -177,6 +178,9 @@ MoeBackward<bf16, Kokkos::Cuda> MoeLayer<bf16, Kokkos::Cuda>::backward(const_mat
 void MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out) {
   constexpr const char* fn = "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>::backward";
   KMOE_CHECK_INPUT(have_forward_, fn, ": no forward() to differentiate");
+  KMOE_CHECK_INPUT(!saved_consumed_, fn,
+                   ": the last forward()'s saved activations were consumed by a backward() already (the block's "
+                   "backward reuses them as scratch); run forward() again");
   detail::check_matrix(fn, "dy", dy, x_.extent(0), x_.extent(1));
   detail::check_gradient_shapes<float>(fn, out.dx, out.grads, weights_, x_.extent(0));
   check_contiguous(fn, "dy", dy);
@@ -195,6 +199,7 @@ void MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy, const MoeBackward<b
   g.d_shared_w1 = out.grads.shared_w1.data();
   g.d_shared_w3 = out.grads.shared_w3.data();
   g.d_shared_w2 = out.grads.shared_w2.data();
+  saved_consumed_ = true;
   if (shape_.tokens > 0) {
     kc::moe_backward(bits(x_.data()), raw_weights(weights_), saved_, bits(dy.data()), g, space_.cuda_stream());
   } else {  // no tokens: every weight gradient is zero (dx is empty)

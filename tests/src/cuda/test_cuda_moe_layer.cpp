@@ -415,6 +415,9 @@ TEST(CudaMoeLayer, InputAndUsageErrors) {
   layer.forward(x);
   EXPECT_THROW(layer.backward(bad_dy), InputError);
   auto wrong = layer.backward(x);
+  // one backward per forward: the first consumed the saved activations (the block's backward scratch)
+  EXPECT_THROW(layer.backward(x), InputError);
+  layer.forward(x);
   wrong.grads.w2 = moe::MoeViews<float, Cuda>::tensor3("w2", 4, 32, 8);
   EXPECT_THROW(layer.backward(x, wrong), InputError);
   opt.block = 48;

@@ -13,6 +13,8 @@
 ///   - the padded path pads each expert to 128 rows (core::cuda::kGemmTileRows); options.block must divide 128;
 ///   - the saved context (routing(), the plan) lives in one device workspace that the next forward() reuses:
 ///     routing()'s Views are valid until then. Copies of a layer share that workspace;
+///   - one backward() per forward(): the block's backward reuses the saved activations as its scratch (a second
+///     backward() is an InputError);
 ///   - the stages API (expert parallelism) is not implemented yet: calling a stage fails to compile with a message
 ///     (docs/comm.md).
 #pragma once
@@ -122,6 +124,7 @@ class MoeLayer<bf16, Kokkos::Cuda> {
   mutable Routing<bf16, Kokkos::Cuda> routing_;
   mutable bool plan_on_host_ = false;
   bool have_forward_ = false;
+  bool saved_consumed_ = false;  // a backward() reused the saved activations as scratch (kernels.hpp, moe_backward)
 };
 
 }  // namespace kmoe::moe
