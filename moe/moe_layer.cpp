@@ -1,7 +1,25 @@
 // The common MoeLayer instantiations, compiled once: float and double on each enabled host execution space.
+#include <kmoe/moe/detail/cuda_options.hpp>
 #include <kmoe/moe/moe_layer.hpp>
 
 namespace kmoe::moe {
+
+namespace detail {
+CudaBlockOptions cuda_block_options(const MoeOptions& options) {
+  KMOE_CHECK_USAGE(options.block >= 1 && kCudaPaddedTileRows % options.block == 0,
+                   "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>: block = ", options.block, " does not divide ",
+                   kCudaPaddedTileRows, " (the CUDA padded path pads each expert to a multiple of ", kCudaPaddedTileRows,
+                   " rows)");
+  CudaBlockOptions out;
+  out.padded = options.impl == ExpertImpl::Padded;
+  switch (options.gemm) {
+    case core::GemmAlgo::Auto: out.engine = CudaEngine::Auto; break;
+    case core::GemmAlgo::Blas: out.engine = CudaEngine::Cublas; break;
+    case core::GemmAlgo::Kokkos: out.engine = CudaEngine::Kernel; break;
+  }
+  return out;
+}
+}  // namespace detail
 
 ExpertImpl parse_expert_impl(const std::string& name) {
   if (name == "scatter") return ExpertImpl::Scatter;

@@ -6,9 +6,8 @@
 #include <kmoe/io/safetensors.hpp>
 #include <kmoe/moe/checkpoint.hpp>
 #include <kmoe/moe/moe_layer.hpp>
-#if KMOE_ENABLE_CUDA
 #include <kmoe/core/bf16.hpp>
-#include <kmoe/core/cuda/check.hpp>
+#if KMOE_ENABLE_CUDA
 #include <kmoe/core/cuda/kernels.hpp>
 #endif
 #if KMOE_ENABLE_MPI
@@ -21,6 +20,7 @@
 #include <iostream>
 #include <memory>
 #include <optional>
+#include <type_traits>
 
 namespace kmoe::cli {
 namespace {
@@ -36,7 +36,8 @@ const char* const kHelp =
     "  --impl scatter|padded    ScatterMoE-style or MegaBlocks-style expert path (default scatter)\n"
     "  --backend serial|openmp  Kokkos execution space (default: Kokkos' default)\n"
     "  --backend cuda           kmoe's CUDA kernels (builds with KMOE_ENABLE_CUDA); needs --precision bf16\n"
-    "                           (bf16 storage, fp32 accumulation; gradients are computed in fp32)\n"
+    "                           (MoeLayer<bf16, Kokkos::Cuda>: bf16 storage, fp32 accumulation and gradients;\n"
+    "                           --block must divide 128)\n"
     "  --ep M                   expert parallelism under mpirun -np N: the tokens are split over the N ranks, the\n"
     "                           experts over groups of M ranks (M divides N and is at most the experts; default N);\n"
     "                           rank 0 writes the same outputs as one process\n"
@@ -54,6 +55,13 @@ struct BlockJob {
 #endif
 };
 
+/// A float64 input value as T (bf16: through float, rounding to nearest even).
+template <class T>
+T from_double(double v) {
+  if constexpr (std::is_same<T, bf16>::value) return bf16::from_float(static_cast<float>(v));
+  else return static_cast<T>(v);
+}
+
 /// Rows [row0, row0 + rows) of a float64 host matrix as a T matrix in Space's memory.
 template <class T, class Space>
 typename moe::MoeViews<T, Space>::matrix to_matrix(const Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace>& src,
@@ -63,22 +71,23 @@ typename moe::MoeViews<T, Space>::matrix to_matrix(const Kokkos::View<double**, 
   matrix dst(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(src.label())), rows, hidden);
   auto h = Kokkos::create_mirror_view(dst);
   for (std::int64_t t = 0; t < rows; ++t)
-    for (std::int64_t c = 0; c < hidden; ++c) h(t, c) = T(src(row0 + t, c));
+    for (std::int64_t c = 0; c < hidden; ++c) h(t, c) = from_double<T>(src(row0 + t, c));
   Kokkos::deep_copy(dst, h);
   return dst;
 }
 
-/// The output tensors of a block run, named as in the reference file (y and dx take the shape of x).
-template <class LogitsView, class IdxView, class WeightView, class RowsView, class Grads>
+/// The output tensors of a block run, named as in the reference file (y and dx take the shape of x). Views in any
+/// memory space (copied to the host); y may be bf16 and dx fp32 (the bf16 CUDA layer), all written as float64.
+template <class LogitsView, class IdxView, class WeightView, class YView, class DxView, class Grads>
 std::vector<io::TensorToWrite> block_outputs(const BlockJob& job, const LogitsView& logits, const IdxView& topk_idx,
-                                             const WeightView& topk_weight, const RowsView& y, const RowsView& dx,
+                                             const WeightView& topk_weight, const YView& y, const DxView& dx,
                                              const Grads& grads) {
   const std::string p = "layers." + std::to_string(job.layer) + ".";
   std::vector<io::TensorToWrite> out;
   auto add = [&](const std::string& name, const auto& view) {
     out.push_back(io::tensor_from_host_view(p + name, view, io::DType::F64));
   };
-  auto add_like_x = [&](const std::string& name, const RowsView& view) {
+  auto add_like_x = [&](const std::string& name, const auto& view) {
     add(name, view);
     out.back().shape = job.x_shape;  // same elements, row-major: only the leading dims differ
   };
@@ -147,7 +156,10 @@ std::vector<io::TensorToWrite> run_block_ep(const BlockJob& job) {
 template <class T, class Space>
 std::vector<io::TensorToWrite> run_block(const BlockJob& job) {
 #if KMOE_ENABLE_MPI
-  if (job.layout) return run_block_ep<T, Space>(job);
+  // Expert parallelism runs on the portable layers' stages (the bf16 CUDA layer has none yet: a usage error earlier).
+  if constexpr (moe::MoeLayer<T, Space>::backend == moe::LayerBackend::Portable) {
+    if (job.layout) return run_block_ep<T, Space>(job);
+  }
 #endif
   auto layer = moe::layer_from_checkpoint<T, Space>(job.checkpoint, job.layer, job.options);
   const std::int64_t tokens = job.x.extent(0);
@@ -158,105 +170,6 @@ std::vector<io::TensorToWrite> run_block(const BlockJob& job) {
   return block_outputs(job, layer.router_logits(), layer.routing().topk_idx, layer.routing().topk_weight, y, g.dx,
                        g.grads);
 }
-
-#if KMOE_ENABLE_CUDA
-/// --backend cuda --precision bf16: the block on kmoe's CUDA kernels (core/cuda/kernels.hpp); outputs widened to f64.
-std::vector<io::TensorToWrite> run_block_cuda(const BlockJob& job) {
-  namespace kc = core::cuda;
-  KMOE_CHECK_USAGE(kc::device_count() > 0, "--backend cuda: no CUDA device on this machine");
-  const auto w = io::load_moe_layer<float>(job.checkpoint, job.layer);
-  kc::MoeShape shape;
-  shape.tokens = job.x.extent(0);
-  shape.hidden = int(w.router.extent(1));
-  shape.experts = int(w.router.extent(0));
-  shape.ffn = int(w.w1.extent(1));
-  shape.k = job.options.top_k > 0 ? int(job.options.top_k) : int(job.checkpoint.config().top_k);
-  shape.shared_ffn = int(w.shared_w1.extent(0));
-  const auto path = job.options.impl == moe::ExpertImpl::Padded ? kc::MoePath::Padded : kc::MoePath::Scattered;
-  std::vector<void*> owned;
-  auto dev = [&](std::size_t bytes) {
-    void* p = nullptr;
-    KMOE_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
-    owned.push_back(p);
-    return p;
-  };
-  auto upload_bf16 = [&](const auto* src, std::size_t n) {
-    std::vector<kc::bf16_t> h(n);
-    for (std::size_t i = 0; i < n; ++i) h[i] = bf16::float_to_bits(float(src[i]));
-    auto* d = static_cast<kc::bf16_t*>(dev(n * sizeof(kc::bf16_t)));
-    KMOE_CUDA_CHECK(cudaMemcpy(d, h.data(), n * sizeof(kc::bf16_t), cudaMemcpyHostToDevice));
-    return d;
-  };
-  auto down = [&](const void* src, auto& view) {  // device fp32/int64 -> host view of double/int64
-    using V = typename std::decay_t<decltype(view)>::value_type;
-    using S = std::conditional_t<std::is_same<V, std::int64_t>::value, std::int64_t, float>;
-    std::vector<S> h(view.span());
-    KMOE_CUDA_CHECK(cudaMemcpy(h.data(), src, h.size() * sizeof(S), cudaMemcpyDeviceToHost));
-    std::copy(h.begin(), h.end(), view.data());
-  };
-  try {
-    kc::MoeWeights dw;
-    dw.gate = upload_bf16(w.router.data(), w.router.span());
-    dw.w1 = upload_bf16(w.w1.data(), w.w1.span());
-    dw.w3 = upload_bf16(w.w3.data(), w.w3.span());
-    dw.w2 = upload_bf16(w.w2.data(), w.w2.span());
-    dw.shared_w1 = upload_bf16(w.shared_w1.data(), w.shared_w1.span());
-    dw.shared_w3 = upload_bf16(w.shared_w3.data(), w.shared_w3.span());
-    dw.shared_w2 = upload_bf16(w.shared_w2.data(), w.shared_w2.span());
-    const auto* x = upload_bf16(job.x.data(), job.x.span());
-    const auto* dy = upload_bf16(job.dy.data(), job.dy.span());
-    auto saved = kc::moe_carve(dev(kc::moe_workspace_bytes(shape, path)), shape, path);
-    auto* y = static_cast<kc::bf16_t*>(dev(job.x.span() * sizeof(kc::bf16_t)));
-    kc::moe_forward(x, dw, saved, y, nullptr);
-    kc::MoeGrads g;
-    auto f32 = [&](std::size_t n) { return static_cast<float*>(dev(n * sizeof(float))); };
-    g.dx = f32(job.x.span());
-    g.d_gate = f32(w.router.span());
-    g.dw1 = f32(w.w1.span());
-    g.dw3 = f32(w.w3.span());
-    g.dw2 = f32(w.w2.span());
-    g.d_shared_w1 = f32(w.shared_w1.span());
-    g.d_shared_w3 = f32(w.shared_w3.span());
-    g.d_shared_w2 = f32(w.shared_w2.span());
-    kc::moe_backward(x, dw, saved, dy, g, nullptr);
-    KMOE_CUDA_CHECK(cudaDeviceSynchronize());
-
-    using HostSpace = Kokkos::DefaultHostExecutionSpace;
-    using views = moe::MoeViews<double, HostSpace>;
-    const std::int64_t T = shape.tokens, H = shape.hidden, E = shape.experts, k = shape.k;
-    typename views::matrix logits("router_logits", T, E), topk_weight("topk_weight", T, k), yh("y", T, H),
-        dxh("dx", T, H);
-    typename views::index_matrix topk_idx("topk_idx", T, k);
-    down(saved.logits, logits);
-    down(saved.topk_idx, topk_idx);
-    down(saved.topk_weight, topk_weight);
-    std::vector<kc::bf16_t> yb(yh.span());
-    KMOE_CUDA_CHECK(cudaMemcpy(yb.data(), y, yb.size() * sizeof(kc::bf16_t), cudaMemcpyDeviceToHost));
-    for (std::size_t i = 0; i < yb.size(); ++i) yh.data()[i] = bf16::bits_to_float(yb[i]);
-    down(g.dx, dxh);
-    moe::MoeWeights<double, HostSpace> grads;
-    grads.router = typename views::matrix("grad.gate", E, H);
-    grads.w1 = typename views::tensor3("grad.w1", w.w1.extent(0), w.w1.extent(1), w.w1.extent(2));
-    grads.w3 = typename views::tensor3("grad.w3", w.w3.extent(0), w.w3.extent(1), w.w3.extent(2));
-    grads.w2 = typename views::tensor3("grad.w2", w.w2.extent(0), w.w2.extent(1), w.w2.extent(2));
-    grads.shared_w1 = typename views::matrix("grad.shared_w1", w.shared_w1.extent(0), w.shared_w1.extent(1));
-    grads.shared_w3 = typename views::matrix("grad.shared_w3", w.shared_w3.extent(0), w.shared_w3.extent(1));
-    grads.shared_w2 = typename views::matrix("grad.shared_w2", w.shared_w2.extent(0), w.shared_w2.extent(1));
-    down(g.d_gate, grads.router);
-    down(g.dw1, grads.w1);
-    down(g.dw3, grads.w3);
-    down(g.dw2, grads.w2);
-    down(g.d_shared_w1, grads.shared_w1);
-    down(g.d_shared_w3, grads.shared_w3);
-    down(g.d_shared_w2, grads.shared_w2);
-    for (void* p : owned) cudaFree(p);
-    return block_outputs(job, logits, topk_idx, topk_weight, yh, dxh, grads);
-  } catch (...) {
-    for (void* p : owned) cudaFree(p);
-    throw;
-  }
-}
-#endif
 
 template <class T>
 std::vector<io::TensorToWrite> run_on_backend(const BlockJob& job, const std::string& backend) {
@@ -353,7 +266,9 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
 #if KMOE_ENABLE_CUDA
     if (backend == "cuda") {
       KMOE_CHECK_USAGE(!distributed, "--backend cuda runs as one process (no --ep / mpirun yet)");
-      tensors = run_block_cuda(job);
+      KMOE_CHECK_USAGE(core::cuda::device_count() > 0, "--backend cuda: no CUDA device on this machine");
+      // MoeLayer<bf16, Kokkos::Cuda>: the hand-written CUDA block (bf16 storage, fp32 accumulation and gradients).
+      tensors = run_block<bf16, Kokkos::Cuda>(job);
     }
 #endif
     if (backend != "cuda")

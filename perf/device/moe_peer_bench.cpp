@@ -3,7 +3,8 @@
 // `compare.py peers.jsonl kmoe.jsonl` puts kmoe next to the peers and the dense roofline of the same run.
 //
 //   moe_peer_bench [--shapes mixtral-T8192,mixtral-T2048,finegrained-T8192] [--paths scatter,padded]
-//                  [--engine auto|kernel|cublas|cutlass] [--graph] [--warmup 5] [--reps 30] [--seed 0]
+//                  [--engine auto|kernel|cublas|cutlass] [--graph] [--swiglu default|fused|unfused|both]
+//                  [--grads f32|bf16] [--warmup 5] [--reps 30] [--seed 0]
 //
 // Definitions (docs/perf.md, "Peers and the dense roofline"; the same as peers.py):
 // - ms: CUDA events around each step after the warm-up steps; median (and min) of --reps steps. Also the medians
@@ -19,7 +20,12 @@
 // the impl gains the suffix "-kernel" / "-cublas" / "-cutlass" (no goal row; a variant for the tuning notes).
 // --graph (engines kernel and cutlass only: they never wait for the host): one step (forward + backward) is captured
 // into a CUDA graph after the warm-up and each timed step replays it (suffix "-graph"); ms_fwd/ms_bwd are then 0
-// (one graph, no event between the halves) and host_bwd_enqueue_ms is the host time of cudaGraphLaunch.
+// (one graph, no event between the halves) and host_bwd_enqueue_ms is the host time of cudaGraphLaunch. --swiglu fused|unfused
+// sets MoeSaved::fuse_swiglu (default: fused_swiglu_default(), i.e. KMOE_FUSED_SWIGLU) and adds "-fused" /
+// "-unfused"; both runs each (shape, path) unfused then fused, one after the other in the same process.
+// With --grads bf16 the expert weight gradients are stored in bf16 (MoeGrads::dw*_bf16, as the peers' .grad is) and
+// the impl gains "-bf16grads". Shape finegrained-T2048 (not in the default list) is a small-expert shape where Auto picks the kernel engine
+// (the CUTLASS engine in builds that have it).
 // Exit code: 0 when every row is ok, 1 otherwise, 2 bad usage.
 #include <kmoe/core/cuda/check.hpp>
 #include <kmoe/core/cuda/kernels.hpp>
@@ -50,6 +56,7 @@ const Shape kShapes[] = {
     {"mixtral-T8192", "mixtral", 8192, 4096, 14336, 8, 2},
     {"mixtral-T2048", "mixtral", 2048, 4096, 14336, 8, 2},
     {"finegrained-T8192", "finegrained", 8192, 2048, 768, 64, 8},
+    {"finegrained-T2048", "finegrained", 2048, 2048, 768, 64, 8},  // 256 rows per expert: Auto picks the kernel (CUTLASS if built)
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -113,9 +120,12 @@ struct Result {
   std::size_t workspace = 0, cublas_handle = 0;
   const char* engine = "kernel";  ///< the engine moe_forward used
   bool finite = false;
+  bool swiglu_fused = false;  ///< the routed experts' SwiGLU ran in the GEMM epilogues (kernel engine, fuse on)
 };
 
-Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int warmup, int reps, std::uint64_t seed) {
+/// fuse: MoeSaved::fuse_swiglu, or -1 for its default.
+Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int fuse, bool bf16_grads, int warmup,
+               int reps, std::uint64_t seed) {
   const MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
   const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
   Device dev;
@@ -131,14 +141,21 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int 
   MoeGrads g;
   g.dx = static_cast<float*>(dev.alloc(std::size_t(T * H) * 4));
   g.d_gate = static_cast<float*>(dev.alloc(std::size_t(E * H) * 4));
-  g.dw1 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
-  g.dw3 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
-  g.dw2 = static_cast<float*>(dev.alloc(std::size_t(E * H * F) * 4));
+  if (bf16_grads) {
+    g.dw1_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(E * F * H) * 2));
+    g.dw3_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(E * F * H) * 2));
+    g.dw2_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(E * H * F) * 2));
+  } else {
+    g.dw1 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
+    g.dw3 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
+    g.dw2 = static_cast<float*>(dev.alloc(std::size_t(E * H * F) * 4));
+  }
   Result r;
   r.workspace = moe_workspace_bytes(shape, path);
   void* work = dev.alloc(r.workspace);
   MoeSaved saved = moe_carve(work, shape, path);
   saved.engine = engine;
+  if (fuse >= 0) saved.fuse_swiglu = fuse == 1;
   auto step = [&](cudaStream_t stream = nullptr) {  // warm-up steps (and the captured one)
     moe_forward(x, w, saved, y, stream);
     moe_backward(x, w, saved, dy, g, stream);
@@ -150,6 +167,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int 
   const std::size_t free_after = free_bytes();
   r.cublas_handle = free_before > free_after ? free_before - free_after : 0;
   r.engine = saved.cublas ? "cublas" : saved.cutlass ? "cutlass" : "kernel";
+  r.swiglu_fused = saved.fuse_swiglu && !saved.cublas && !saved.cutlass;
   // Graph mode: capture one step on a stream of its own (the legacy default stream cannot be captured).
   cudaStream_t gs = nullptr;
   cudaGraphExec_t exec = nullptr;
@@ -211,7 +229,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int 
   r.bwd_ms = median(bwd);
   r.host_bwd_ms = median(host_bwd);
   r.finite = finite_bf16(y, T * H) && finite_f32(g.dx, T * H) && finite_f32(g.d_gate, E * H) &&
-             finite_f32(g.dw2, E * H * F);
+             (bf16_grads ? finite_bf16(g.dw2_bf16, E * H * F) : finite_f32(g.dw2, E * H * F));
   return r;
 }
 
@@ -227,7 +245,8 @@ std::string json_escape(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto";
+  std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto",
+              swiglu_s = "default", grads_s = "f32";
   int warmup = 5, reps = 30;
   bool graph = false;
   std::uint64_t seed = 0;
@@ -241,6 +260,8 @@ int main(int argc, char** argv) {
     else if (a == "--paths") paths = value();
     else if (a == "--engine") engine_s = value();
     else if (a == "--graph") graph = true;
+    else if (a == "--swiglu") swiglu_s = value();
+    else if (a == "--grads") grads_s = value();
     else if (a == "--warmup") warmup = std::atoi(value().c_str());
     else if (a == "--reps") reps = std::atoi(value().c_str());
     else if (a == "--seed") seed = std::strtoull(value().c_str(), nullptr, 10);
@@ -256,12 +277,22 @@ int main(int argc, char** argv) {
   if (graph && engine != GemmEngine::Kernel && engine != GemmEngine::Cutlass)
     usage("--graph needs --engine kernel or cutlass (the cuBLAS engine waits for the host once per forward)");
   if (graph) suffix += "-graph";
+  if (grads_s != "f32" && grads_s != "bf16") usage("--grads must be f32 or bf16, not '" + grads_s + "'");
+  const bool bf16_grads = grads_s == "bf16";
+  if (bf16_grads) suffix += "-bf16grads";
+  std::vector<int> fuse_list;  // MoeSaved::fuse_swiglu per run, -1: its default
+  if (swiglu_s == "default") fuse_list = {-1};
+  else if (swiglu_s == "fused") fuse_list = {1};
+  else if (swiglu_s == "unfused") fuse_list = {0};
+  else if (swiglu_s == "both") fuse_list = {0, 1};
+  else usage("--swiglu must be default, fused, unfused or both, not '" + swiglu_s + "'");
   std::vector<const Shape*> todo;
   for (const std::string& id : split(shapes)) {
     const Shape* found = nullptr;
     for (const Shape& s : kShapes)
       if (id == s.id) found = &s;
-    if (!found) usage("unknown shape '" + id + "' (mixtral-T8192, mixtral-T2048, finegrained-T8192)");
+    if (!found)
+      usage("unknown shape '" + id + "' (mixtral-T8192, mixtral-T2048, finegrained-T8192, finegrained-T2048)");
     todo.push_back(found);
   }
   std::vector<MoePath> path_list;
@@ -281,34 +312,39 @@ int main(int argc, char** argv) {
                device_description().c_str(), warmup, reps, engine_s.c_str());
   int failures = 0;
   for (const Shape* s : todo) {
-    for (MoePath path : path_list) {
-      const std::string impl = std::string(path == MoePath::Scattered ? "kmoe-scatter" : "kmoe-padded") + suffix;
+    for (MoePath path : path_list)
+    for (int fuse : fuse_list) {
+      const std::string impl = std::string(path == MoePath::Scattered ? "kmoe-scatter" : "kmoe-padded") + suffix +
+                               (fuse < 0 ? "" : fuse ? "-fused" : "-unfused");
       const double flops = 18.0 * double(s->tokens) * s->k * double(s->hidden) * s->ffn;
       std::string body;
       bool ok = false;
       try {
-        const Result r = run_one(*s, path, engine, graph, warmup, reps, seed);
+        const Result r = run_one(*s, path, engine, graph, fuse, bf16_grads, warmup, reps, seed);
         ok = r.finite;
         char buf[1024];
         std::snprintf(buf, sizeof buf,
                       "\"ms_median\": %.6g, \"ms_min\": %.6g, \"tflops\": %.6g, \"extra_mem_bytes\": %zu, "
                       "\"workspace_bytes\": %zu, \"cublas_handle_bytes\": %zu, \"engine\": \"%s\", "
+                      "\"swiglu\": \"%s\", "
                       "\"ms_fwd_median\": %.6g, \"ms_bwd_median\": %.6g, \"host_bwd_enqueue_ms_median\": %.6g, "
                       "\"dispatch\": \"kmoe::core::cuda::moe_forward/moe_backward (%s, %s engine)\"%s",
                       r.ms_median, r.ms_min, flops / (r.ms_median * 1e-3) / 1e12, r.workspace, r.workspace,
-                      r.cublas_handle, r.engine, r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
+                      r.cublas_handle, r.engine, r.swiglu_fused ? "fused" : "separate",
+                      r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
                       path == MoePath::Scattered ? "scattered" : "padded", r.engine,
                       r.finite ? "" : ", \"error\": \"non-finite outputs\"");
         body = buf;
         std::fprintf(stderr,
-                     "%-18s %-14s %9.3f ms (min %.3f; fwd %.3f bwd %.3f, bwd host enqueue %.3f)  %6.1f TFLOP/s  "
-                     "workspace %.3f GiB  engine %s\n",
+                     "%-18s %-26s %9.3f ms (min %.3f; fwd %.3f bwd %.3f, bwd host enqueue %.3f)  %6.1f TFLOP/s  "
+                     "workspace %.3f GiB  engine %s  swiglu %s\n",
                      s->id, impl.c_str(), r.ms_median, r.ms_min, r.fwd_ms, r.bwd_ms, r.host_bwd_ms,
-                     flops / (r.ms_median * 1e-3) / 1e12, r.workspace / 1073741824.0, r.engine);
+                     flops / (r.ms_median * 1e-3) / 1e12, r.workspace / 1073741824.0, r.engine,
+                     r.swiglu_fused ? "fused" : "separate");
       } catch (const std::exception& e) {
         body = "\"ms_median\": null, \"tflops\": null, \"extra_mem_bytes\": null, \"error\": \"" +
                json_escape(e.what()) + "\"";
-        std::fprintf(stderr, "%-18s %-14s FAILED: %s\n", s->id, impl.c_str(), e.what());
+        std::fprintf(stderr, "%-18s %-26s FAILED: %s\n", s->id, impl.c_str(), e.what());
         cudaGetLastError();
       }
       failures += ok ? 0 : 1;

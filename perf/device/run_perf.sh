@@ -11,9 +11,10 @@
 #      one rank; kmoe finetune --backend cuda vs --backend serial on tests/data/granitemoe-tiny (losses side by side)
 #   5. kmoe block --backend cuda on the dumps + compare.py check (kmoe vs the f32 reference, next to the peer's own
 #      error), and the table again with the checks (Markdown, $OUT/table.md)
+#   6. (stage ncu) Nsight Compute counters of two steps per shape, grouped per kernel class ($OUT/ncu_breakdown.md)
 #
 #   device run, carry [".carry"]:  bash perf/device/run_perf.sh [STAGES]   (STAGES: comma list of
-#   peers,kmoe,checks,nccl,finetune; default all). JSON lines and logs under $OUT; a summary last.
+#   peers,kmoe,checks,nccl,finetune,ncu; default all but ncu). JSON lines and logs under $OUT; a summary last.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-/tmp/kmoe-out}
@@ -45,11 +46,6 @@ cat .carry/BUILD_INFO .carry/BUILD_INFO_MPI 2>/dev/null | tee -a "$logs/device.t
 df -h /tmp | tail -n 1
 source perf/device/unpack.sh
 bin=build-gpu/bin
-# The GPU tests with the cuBLAS engine's GEMMs spread over 4 streams (the default, 1 stream, passed in earlier runs)
-if [ -d build-gpu/tests ] && grep -qa KMOE_CUBLAS_STREAMS $bin/moe_peer_bench; then
-  KMOE_CUBLAS_STREAMS=4 TAIL=6 stage ctest_cuda_streams4 240 ctest --test-dir build-gpu -L cuda --output-on-failure --timeout 200
-fi
-
 if want peers; then
   echo "== peers.py"
   rm -rf "$scratch/dump"
@@ -64,21 +60,17 @@ if want kmoe; then
   echo "== kmoe (moe_peer_bench)"
   stage kmoe_bench 240 $bin/moe_peer_bench --warmup 5 --reps 30
   grep '^{' "$logs/kmoe_bench.log" > "$out/kmoe.jsonl"
-  # variants for perf/NOTES.md (not goal rows): the device-offset kernel engine on every shape; cuBLAS on 4 streams
+  # variants for perf/NOTES.md (not goal rows): the device-offset kernel engine on every shape
   TAIL=8 stage kmoe_bench_kernel 240 $bin/moe_peer_bench --engine kernel --warmup 3 --reps 20
   grep '^{' "$logs/kmoe_bench_kernel.log" > "$out/kmoe_variants.jsonl"
+  # bf16 weight gradients (what the peers' .grad holds; cuBLAS engine): the fp32 gradient bytes the notes account for
+  TAIL=8 stage kmoe_bench_bf16grads 240 $bin/moe_peer_bench --engine cublas --grads bf16 --warmup 5 --reps 30
+  grep '^{' "$logs/kmoe_bench_bf16grads.log" >> "$out/kmoe_variants.jsonl"
   # each library engine forced (Auto picks one per shape), and the CUTLASS engine's block replayed as a CUDA graph
   if $bin/moe_peer_bench --engine cutlass --shapes finegrained-T8192 --paths scatter --warmup 0 --reps 1 >/dev/null 2>&1; then
-    for v in cublas cutlass "cutlass --graph"; do
+    for v in cublas cutlass "cutlass --graph" "cutlass --grads bf16"; do
       TAIL=8 stage "kmoe_bench_${v// /_}" 240 $bin/moe_peer_bench --engine $v --warmup 5 --reps 30
       grep '^{' "$logs/kmoe_bench_${v// /_}.log" >> "$out/kmoe_variants.jsonl"
-    done
-  fi
-  if grep -qa KMOE_CUBLAS_STREAMS $bin/moe_peer_bench; then
-    for n in 2 4; do
-      KMOE_CUBLAS_STREAMS=$n TAIL=8 stage kmoe_bench_streams$n 240 $bin/moe_peer_bench --warmup 5 --reps 30
-      grep '^{' "$logs/kmoe_bench_streams$n.log" | sed "s/\"impl\": \"kmoe-\\([a-z]*\\)\"/\"impl\": \"kmoe-\\1-streams$n\"/" \
-        >> "$out/kmoe_variants.jsonl"
     done
   fi
   echo "== table (timings only)"
@@ -143,6 +135,26 @@ if want checks && [ -d "$scratch/dump" ]; then
 fi
 rm -rf "$scratch/dump" "$scratch/k.safetensors"
 
+if want ncu; then
+  # Where the time goes (issue 10, deliverable 2): Nsight Compute counters of every kernel of two steps per shape
+  # (scatter path, default engine), grouped by perf/device/ncu_breakdown.py.
+  echo "== ncu breakdown"
+  metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+  metrics+=,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed
+  for shape in ${KMOE_NCU_SHAPES:-mixtral-T8192 mixtral-T2048 finegrained-T8192}; do
+    TAIL=2 stage "ncu_$shape" 300 ncu --csv --page raw --clock-control none --metrics "$metrics" \
+      $bin/moe_peer_bench --shapes "$shape" --paths scatter --warmup 1 --reps 1 ${KMOE_NCU_BENCH_ARGS:-}
+    ev=$(python3 -c '
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if r["impl"] == "kmoe-scatter" and "%s-T%d" % (r["shape"], r["T"]) == sys.argv[2] and r.get("ms_median"):
+        print(r["ms_median"]); break' "$out/kmoe.jsonl" "$shape" 2>/dev/null)
+    python3 perf/device/ncu_breakdown.py "$logs/ncu_$shape.log" --label "$shape" ${ev:+--event-ms $ev} \
+      | tee -a "$out/ncu_breakdown.md"
+  done
+fi
+
 echo "== summary"
 cat "$out/table.md" 2>/dev/null || cat "$logs/table_timing.txt" 2>/dev/null
 grep -h '' "$out/kmoe_variants.jsonl" 2>/dev/null | python3 -c '
@@ -156,5 +168,6 @@ for l in sys.stdin:
     c = json.loads(l)
     print("check %-13s %-12s T=%d %s worst %s %.2e  rel %s  topk differing vs peer %s vs f32 %s" % (c["impl"], c["shape"], c["T"], "PASS" if c["pass"] else "FAIL", c.get("worst"), c.get("worst_rel") or float("nan"), {k: float("%.2e" % v) for k, v in c["rel"].items()}, c.get("topk_tokens_differing_vs_peer"), c.get("topk_tokens_differing_vs_f32")))'
 cat "$logs/finetune_losses.txt" 2>/dev/null
+cat "$out/ncu_breakdown.md" 2>/dev/null
 printf '%-34s %-14s %s\n' stage result time
 for r in "${rows[@]}"; do IFS='|' read -r a b c <<< "$r"; printf '%-34s %-14s %s\n' "$a" "$b" "$c"; done

@@ -7,5 +7,7 @@ mkdir -p /work
 built_src=$(sed -n 's/^src: \([^ ]*\).*/\1/p' .carry/BUILD_INFO 2>/dev/null)
 for p in /work/main /work/gpu-src $built_src; do [ -e "$p" ] || ln -s "$PWD" "$p"; done
 [ -e /work/shared ] || ln -s "$PWD/.carry/shared" /work/shared
+# A source path linked above resolves "SRC/../shared" (the tests' testdata) through the link to this copy's parent.
+[ -e "$(dirname "$PWD")/shared" ] || ln -s "$PWD/.carry/shared" "$(dirname "$PWD")/shared"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$PWD/build-gpu/carry-lib:${LD_LIBRARY_PATH:-}
 export PATH=/usr/local/cuda/bin:$PATH

@@ -60,6 +60,21 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+/// SwiGLU, one formula for the elementwise kernels (gather_scatter.cu) and the fused GEMM epilogues (grouped_gemm.cu),
+/// so fused and unfused results agree bit for bit. act = silu(h1) * h3, silu(a) = a * sigmoid(a).
+__device__ __forceinline__ float sigmoidf(float a) { return 1.f / (1.f + __expf(-a)); }
+__device__ __forceinline__ float swiglu(float h1, float h3) { return h1 * sigmoidf(h1) * h3; }
+/// Backward of swiglu: d1 = d_act * h3 * silu'(h1), d3 = d_act * silu(h1); silu'(a) = s + a s (1 - s).
+__device__ __forceinline__ void swiglu_grad(float h1, float h3, float d_act, float& d1, float& d3) {
+  const float sg = sigmoidf(h1);
+  const float silu = h1 * sg;
+  d3 = d_act * silu;
+  d1 = d_act * h3 * (sg + silu * (1.f - sg));
+}
+/// The value a bf16 store of f would read back (round to nearest even): the fused epilogues compute SwiGLU from the
+/// rounded GEMM outputs, as the unfused pass does from the stored ones.
+__device__ __forceinline__ float round_bf16(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
+
 inline unsigned grid_for(std::int64_t items, int threads, std::int64_t cap = 1 << 20) {
   std::int64_t b = (items + threads - 1) / threads;
   if (b < 1) b = 1;

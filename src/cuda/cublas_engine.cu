@@ -274,33 +274,45 @@ void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::i
   KMOE_ASSERT(a.a_index == nullptr && a.b_index == nullptr, "the cuBLAS engine takes unindexed rows");
   KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
   const std::int64_t M = a.m, N = a.n;
-  const std::int64_t split = a.c1 ? a.c_split : M;
+  const bool has_c1 = a.c1 || a.c1_bf16;
+  const std::int64_t split = has_c1 ? a.c_split : M;
+  const bool bf16_out = a.c0_bf16 != nullptr;
+  KMOE_ASSERT(bf16_out == (a.c0 == nullptr) && (!has_c1 || bf16_out == (a.c1_bf16 != nullptr)),
+              "grouped_gemm_tn: c0/c1 both fp32 or both bf16");
+  const cudaDataType_t ctype = bf16_out ? CUDA_R_16BF : CUDA_R_32F;
+  const std::size_t c_elem = bf16_out ? sizeof(bf16_t) : sizeof(float);
+  // Group g's block of rows [m0, m0+m) of output 0 or 1, as bytes (the element type is the caller's).
+  auto c_block = [&](int which, int g, std::int64_t rows_per_group) {
+    auto* base = static_cast<unsigned char*>(which == 0 ? (bf16_out ? static_cast<void*>(a.c0_bf16) : a.c0)
+                                                        : (bf16_out ? static_cast<void*>(a.c1_bf16) : a.c1));
+    return static_cast<void*>(base + std::size_t(g) * rows_per_group * N * c_elem);
+  };
   const bool grouped = env_grouped();
   const GroupStreams gs(stream, grouped ? 1 : env_streams());
   GemmBatch batch;
   const float alpha = 1.f, beta = 0.f;
   // C_g[m0:m1, :] = A[rows, m0:m1]ᵀ · B[rows, :]  (column-major: Cᵀ = Bᵀ·A)
-  auto part = [&](int g, const bf16_t* A, std::int64_t rows, const bf16_t* B, std::int64_t m, float* C) {
+  auto part = [&](int g, const bf16_t* A, std::int64_t rows, const bf16_t* B, std::int64_t m, void* C) {
     if (m == 0 || N == 0) return;
     if (rows == 0) {
-      KMOE_CUDA_CHECK(cudaMemsetAsync(C, 0, sizeof(float) * m * N, gs.stream(g)));
+      KMOE_CUDA_CHECK(cudaMemsetAsync(C, 0, c_elem * m * N, gs.stream(g)));
       return;
     }
     if (grouped)
       return batch.add(CUBLAS_OP_N, CUBLAS_OP_T, int(N), int(m), int(rows), B, int(a.ldb), A, int(a.lda), beta, C,
                        int(N));
     KMOE_CUBLAS_CHECK(cublasGemmEx(gs.handle(g), CUBLAS_OP_N, CUBLAS_OP_T, int(N), int(m), int(rows), &alpha, B,
-                                   CUDA_R_16BF, int(a.ldb), A, CUDA_R_16BF, int(a.lda), &beta, C, CUDA_R_32F, int(N),
+                                   CUDA_R_16BF, int(a.ldb), A, CUDA_R_16BF, int(a.lda), &beta, C, ctype, int(N),
                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   };
   for (int g = 0; g < a.groups; ++g) {
     const std::int64_t r0 = off[g], rows = off[g + 1] - off[g];
     const bf16_t* A = a.a + r0 * a.lda;
     const bf16_t* B = a.b + r0 * a.ldb;
-    part(g, A, rows, B, split, a.c0 + std::int64_t(g) * split * N);
-    if (a.c1) part(g, A + split, rows, B, M - split, a.c1 + std::int64_t(g) * (M - split) * N);
+    part(g, A, rows, B, split, c_block(0, g, split));
+    if (has_c1) part(g, A + split, rows, B, M - split, c_block(1, g, M - split));
   }
-  if (grouped) batch.launch(gs.handle(0), stream, CUDA_R_32F);
+  if (grouped) batch.launch(gs.handle(0), stream, ctype);
   gs.join();
 }
 

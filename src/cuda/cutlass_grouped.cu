@@ -48,7 +48,7 @@ constexpr int kZeroBlocks = 32;
 /// each; the epilogue follows the mainloop). Measured on the H100 against the pingpong schedule with 128×128×64 tiles
 /// (each consumer warpgroup its own tile, epilogue overlapped with the other's mainloop): pingpong ran at 0.47–0.95×
 /// the cooperative speed on 17 of the 18 (shape, op) pairs of issue 10 and 1.08× on one (fine-grained dW13); pingpong
-/// with 64×256 tiles for the fp32 weight gradients alone: 0.84× on Mixtral dW13 (perf/NOTES.md, step 4). Not compiled.
+/// with 64×256 tiles for the fp32 weight gradients alone: 0.84× on Mixtral dW13 (perf/NOTES.md, step 7). Not compiled.
 struct Cooperative {
   using Mainloop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
@@ -89,6 +89,7 @@ using ColumnMajor = cutlass::layout::ColumnMajor;
 using KernelTN = GroupedKernel<RowMajor, ColumnMajor, void, cutlass::bfloat16_t, Cooperative>;
 using KernelNN = GroupedKernel<RowMajor, RowMajor, cutlass::bfloat16_t, cutlass::bfloat16_t, Cooperative>;
 using KernelWgrad = GroupedKernel<ColumnMajor, RowMajor, void, float, Cooperative>;
+using KernelWgradBf16 = GroupedKernel<ColumnMajor, RowMajor, void, cutlass::bfloat16_t, Cooperative>;  // bf16 grads
 
 
 /// Sets the one dynamic (int64) mode of a ptr-array stride — the leading dimension; the other modes are static.
@@ -253,7 +254,8 @@ std::size_t own_bytes(int groups) {
 }
 
 std::size_t cutlass_own_bytes(int groups) {
-  return std::max({own_bytes<KernelTN>(groups), own_bytes<KernelNN>(groups), own_bytes<KernelWgrad>(groups)});
+  return std::max({own_bytes<KernelTN>(groups), own_bytes<KernelNN>(groups), own_bytes<KernelWgrad>(groups),
+                   own_bytes<KernelWgradBf16>(groups)});
 }
 
 void check_cutlass(cutlass::Status st, const char* what) {
@@ -346,13 +348,17 @@ void grouped_gemm_tn_cutlass(const GroupedGemmTNArgs& a, void* workspace, cudaSt
   constexpr const char* fn = "kmoe::core::cuda::grouped_gemm_tn_cutlass";
   check_groups(a.groups, workspace);
   KMOE_CHECK_INPUT(a.a_index == nullptr && a.b_index == nullptr, fn, ": rows must be unindexed (gather them first)");
+  const bool bf16 = a.c0_bf16 != nullptr;  // bf16 weight gradients (MoeGrads::dw*_bf16), else fp32
+  KMOE_CHECK_INPUT(bf16 != (a.c0 != nullptr) && (a.c1 == nullptr || !bf16) && (a.c1_bf16 == nullptr || bf16), fn,
+                   ": set c0 (and c1) or c0_bf16 (and c1_bf16), not both or neither");
+  void* c0 = bf16 ? static_cast<void*>(a.c0_bf16) : static_cast<void*>(a.c0);
+  void* c1 = bf16 ? static_cast<void*>(a.c1_bf16) : static_cast<void*>(a.c1);
   const std::int64_t M = a.m, N = a.n;
-  const std::int64_t split = a.c1 ? a.c_split : M;
+  const std::int64_t split = c1 ? a.c_split : M;
   KMOE_CHECK_INPUT(M > 0 && N > 0 && M < (1ll << 31) && N < (1ll << 31) && a.rows < (1ll << 31), fn, ": sizes M=", M,
                    " N=", N, " rows=", a.rows);
   KMOE_CHECK_INPUT(M % 8 == 0 && N % 8 == 0 && split % 8 == 0 && split > 0 && split <= M && a.lda % 8 == 0 &&
-                       a.ldb % 8 == 0 && aligned16(a.a) && aligned16(a.b) && aligned16(a.c0) &&
-                       (!a.c1 || aligned16(a.c1)),
+                       a.ldb % 8 == 0 && aligned16(a.a) && aligned16(a.b) && aligned16(c0) && (!c1 || aligned16(c1)),
                    fn, ": M=", M, " N=", N, " split=", split, " lda=", a.lda, " ldb=", a.ldb,
                    " must be multiples of 8 and the pointers 16-byte aligned (TMA)");
   Setup s;
@@ -365,11 +371,12 @@ void grouped_gemm_tn_cutlass(const GroupedGemmTNArgs& a, void* workspace, cudaSt
   s.ldb = a.ldb;
   s.ldd = N;
   s.b_rows_ld = a.ldb;
-  s.d_bytes = sizeof(float);
-  s.halves = a.c1 ? 2 : 1;
-  s.half[0] = Half{a.b, 0, a.c0, split * N, 0, int(split), int(N), 0};
-  if (a.c1) s.half[1] = Half{a.b, 0, a.c1, (M - split) * N, split, int(M - split), int(N), 0};
-  launch<KernelWgrad>(s, 0.f, workspace, stream);
+  s.d_bytes = bf16 ? sizeof(bf16_t) : sizeof(float);
+  s.halves = c1 ? 2 : 1;
+  s.half[0] = Half{a.b, 0, c0, split * N, 0, int(split), int(N), 0};
+  if (c1) s.half[1] = Half{a.b, 0, c1, (M - split) * N, split, int(M - split), int(N), 0};
+  if (bf16) launch<KernelWgradBf16>(s, 0.f, workspace, stream);
+  else launch<KernelWgrad>(s, 0.f, workspace, stream);
 }
 
 }  // namespace kmoe::core::cuda

@@ -8,29 +8,45 @@ namespace {
 
 using detail::Bf16x8;
 
+// Row kernels: a block is by rows × bx threads (bx along a row's 16-byte chunks). Each thread reads its row's index
+// and weight once and then only streams chunks — no 64-bit division per chunk, which the flat-index version paid
+// and which held it at 66–91% of the copy rate (perf/NOTES.md, session 2).
+struct RowBlock {
+  int bx, by;
+};
+RowBlock row_block(std::int64_t cols8) {
+  int bx = 32;
+  while (bx < 256 && bx < cols8) bx *= 2;
+  return {bx, 256 / bx};
+}
+unsigned row_grid(std::int64_t rows, RowBlock b) { return detail::grid_for(rows, b.by, std::int64_t(1) << 20); }
+
 __global__ void gather_rows_kernel(const bf16_t* __restrict__ src, std::int64_t cols8,
                                    const std::int64_t* __restrict__ index, int div, const float* __restrict__ scale,
                                    bf16_t* __restrict__ dst, std::int64_t rows) {
-  const std::int64_t items = rows * cols8;
-  for (std::int64_t it = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; it < items;
-       it += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t r = it / cols8, c = it % cols8;
+  for (std::int64_t r = std::int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < rows;
+       r += std::int64_t(gridDim.x) * blockDim.y) {
     const std::int64_t ix = index ? index[r] : r;
-    Bf16x8 out;
-    if (ix < 0) {
-      out = Bf16x8{};
-    } else {
-      out = reinterpret_cast<const Bf16x8*>(src)[(ix / div) * cols8 + c];
-      if (scale) {
-        const float s = scale[ix];
-        float v[8];
-        detail::unpack8(out, v);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] *= s;
-        out = detail::pack8(v);
-      }
+    auto* out = reinterpret_cast<Bf16x8*>(dst) + r * cols8;
+    if (ix < 0) {  // padding row
+      for (std::int64_t c = threadIdx.x; c < cols8; c += blockDim.x) out[c] = Bf16x8{};
+      continue;
     }
-    reinterpret_cast<Bf16x8*>(dst)[r * cols8 + c] = out;
+    const auto* in = reinterpret_cast<const Bf16x8*>(src) + (ix / div) * cols8;
+    if (!scale) {
+#pragma unroll 4
+      for (std::int64_t c = threadIdx.x; c < cols8; c += blockDim.x) out[c] = in[c];
+      continue;
+    }
+    const float s = scale[ix];
+#pragma unroll 4
+    for (std::int64_t c = threadIdx.x; c < cols8; c += blockDim.x) {
+      float v[8];
+      detail::unpack8(in[c], v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] *= s;
+      out[c] = detail::pack8(v);
+    }
   }
 }
 
@@ -38,38 +54,41 @@ __global__ void combine_rows_kernel(const bf16_t* __restrict__ src, std::int64_t
                                     const std::int64_t* __restrict__ row_map, const float* __restrict__ w,
                                     std::int64_t tokens, int k, bf16_t* __restrict__ out_bf16,
                                     float* __restrict__ out_f32, bool accumulate) {
-  const std::int64_t items = tokens * cols8;
-  for (std::int64_t it = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; it < items;
-       it += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t t = it / cols8, c = it % cols8;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int s = 0; s < k; ++s) {
-      const std::int64_t p = t * k + s;
-      const std::int64_t row = row_map ? row_map[p] : p;
-      const float ws = w ? w[p] : 1.f;
-      float v[8];
-      detail::unpack8(reinterpret_cast<const Bf16x8*>(src)[row * cols8 + c], v);
+  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.y + threadIdx.y; t < tokens;
+       t += std::int64_t(gridDim.x) * blockDim.y) {
+    for (std::int64_t c = threadIdx.x; c < cols8; c += blockDim.x) {
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      // Unrolled so the k slots' loads are in flight together (run 23: rolled, combine_bf16 reached 0.87-0.94 of
+      // the copy rate). The row map and weights of token t stay in L1 across its chunks.
+#pragma unroll 4
+      for (int s = 0; s < k; ++s) {
+        const std::int64_t p = t * k + s;
+        const float ws = w ? w[p] : 1.f;
+        float v[8];
+        detail::unpack8(reinterpret_cast<const Bf16x8*>(src)[(row_map ? row_map[p] : p) * cols8 + c], v);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += ws * v[e];
-    }
-    if (out_bf16) {
-      if (accumulate) {
-        float old[8];
-        detail::unpack8(reinterpret_cast<const Bf16x8*>(out_bf16)[t * cols8 + c], old);
+        for (int e = 0; e < 8; ++e) acc[e] += ws * v[e];
+      }
+      const std::int64_t o8 = t * cols8 + c;
+      if (out_bf16) {
+        if (accumulate) {
+          float old[8];
+          detail::unpack8(reinterpret_cast<const Bf16x8*>(out_bf16)[o8], old);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] += old[e];
+          for (int e = 0; e < 8; ++e) acc[e] += old[e];
+        }
+        reinterpret_cast<Bf16x8*>(out_bf16)[o8] = detail::pack8(acc);
+      } else {
+        auto* o = reinterpret_cast<float4*>(out_f32 + o8 * 8);
+        float4 a = make_float4(acc[0], acc[1], acc[2], acc[3]), b = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        if (accumulate) {
+          const float4 oa = o[0], ob = o[1];
+          a.x += oa.x; a.y += oa.y; a.z += oa.z; a.w += oa.w;
+          b.x += ob.x; b.y += ob.y; b.z += ob.z; b.w += ob.w;
+        }
+        o[0] = a;
+        o[1] = b;
       }
-      reinterpret_cast<Bf16x8*>(out_bf16)[t * cols8 + c] = detail::pack8(acc);
-    } else {
-      auto* o = reinterpret_cast<float4*>(out_f32 + (t * cols8 + c) * 8);
-      float4 a = make_float4(acc[0], acc[1], acc[2], acc[3]), b = make_float4(acc[4], acc[5], acc[6], acc[7]);
-      if (accumulate) {
-        const float4 oa = o[0], ob = o[1];
-        a.x += oa.x; a.y += oa.y; a.z += oa.z; a.w += oa.w;
-        b.x += ob.x; b.y += ob.y; b.z += ob.z; b.w += ob.w;
-      }
-      o[0] = a;
-      o[1] = b;
     }
   }
 }
@@ -86,6 +105,7 @@ __global__ void pair_dot_kernel(const bf16_t* __restrict__ dy, const bf16_t* __r
   const auto* a = reinterpret_cast<const Bf16x8*>(dy) + t * cols8;
   const auto* b = reinterpret_cast<const Bf16x8*>(src) + row * cols8;
   float acc = 0.f;
+#pragma unroll 4
   for (std::int64_t c = lane; c < cols8; c += 32) {
     float va[8], vb[8];
     detail::unpack8(a[c], va);
@@ -96,8 +116,6 @@ __global__ void pair_dot_kernel(const bf16_t* __restrict__ dy, const bf16_t* __r
   acc = detail::warp_sum(acc);
   if (lane == 0) d_w[p] = acc;
 }
-
-__device__ __forceinline__ float sigmoidf(float a) { return 1.f / (1.f + __expf(-a)); }
 
 __global__ void swiglu_forward_kernel(const bf16_t* __restrict__ h13, std::int64_t rows, std::int64_t ffn8,
                                       bf16_t* __restrict__ act) {
@@ -110,13 +128,15 @@ __global__ void swiglu_forward_kernel(const bf16_t* __restrict__ h13, std::int64
     detail::unpack8(row[c], h1);
     detail::unpack8(row[ffn8 + c], h3);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] = h1[e] * sigmoidf(h1[e]) * h3[e];
+    for (int e = 0; e < 8; ++e) o[e] = detail::swiglu(h1[e], h3[e]);
     reinterpret_cast<Bf16x8*>(act)[r * ffn8 + c] = detail::pack8(o);
   }
 }
 
-__global__ void swiglu_backward_kernel(const bf16_t* __restrict__ h13, const bf16_t* __restrict__ d_act,
-                                       std::int64_t rows, std::int64_t ffn8, bf16_t* __restrict__ dh13) {
+// dh13 may be h13 (moe_backward runs it in place): each thread reads an element's h1, h3 before it writes that
+// element's dh1, dh3 and touches no other, so h13 and dh13 carry no __restrict__.
+__global__ void swiglu_backward_kernel(const bf16_t* h13, const bf16_t* __restrict__ d_act, std::int64_t rows,
+                                       std::int64_t ffn8, bf16_t* dh13) {
   const std::int64_t items = rows * ffn8;
   for (std::int64_t it = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; it < items;
        it += std::int64_t(gridDim.x) * blockDim.x) {
@@ -127,12 +147,7 @@ __global__ void swiglu_backward_kernel(const bf16_t* __restrict__ h13, const bf1
     detail::unpack8(row[ffn8 + c], h3);
     detail::unpack8(reinterpret_cast<const Bf16x8*>(d_act)[r * ffn8 + c], da);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const float sg = sigmoidf(h1[e]);
-      const float silu = h1[e] * sg;
-      d3[e] = da[e] * silu;
-      d1[e] = da[e] * h3[e] * (sg + silu * (1.f - sg));  // silu'(a) = s + a s (1 - s)
-    }
+    for (int e = 0; e < 8; ++e) detail::swiglu_grad(h1[e], h3[e], da[e], d1[e], d3[e]);
     auto* out = reinterpret_cast<Bf16x8*>(dh13) + r * 2 * ffn8;
     out[c] = detail::pack8(d1);
     out[ffn8 + c] = detail::pack8(d3);
@@ -151,8 +166,8 @@ void gather_rows(const bf16_t* src, std::int64_t cols, const std::int64_t* index
                  bf16_t* dst, std::int64_t rows, cudaStream_t stream) {
   check_cols("kmoe::core::cuda::gather_rows", cols);
   if (rows == 0) return;
-  gather_rows_kernel<<<detail::grid_for(rows * (cols / 8), kThreads), kThreads, 0, stream>>>(src, cols / 8, index, div,
-                                                                                            scale, dst, rows);
+  const RowBlock b = row_block(cols / 8);
+  gather_rows_kernel<<<row_grid(rows, b), dim3(b.bx, b.by), 0, stream>>>(src, cols / 8, index, div, scale, dst, rows);
   KMOE_CUDA_CHECK_LAUNCH("gather_rows_kernel");
 }
 
@@ -162,8 +177,9 @@ void combine_rows(const bf16_t* src, std::int64_t cols, const std::int64_t* row_
   KMOE_CHECK_INPUT((out_bf16 == nullptr) != (out_f32 == nullptr),
                    "kmoe::core::cuda::combine_rows: give exactly one of out_bf16 / out_f32");
   if (tokens == 0) return;
-  combine_rows_kernel<<<detail::grid_for(tokens * (cols / 8), kThreads), kThreads, 0, stream>>>(
-      src, cols / 8, row_map, w, tokens, k, out_bf16, out_f32, accumulate);
+  const RowBlock b = row_block(cols / 8);
+  combine_rows_kernel<<<row_grid(tokens, b), dim3(b.bx, b.by), 0, stream>>>(src, cols / 8, row_map, w, tokens, k,
+                                                                            out_bf16, out_f32, accumulate);
   KMOE_CUDA_CHECK_LAUNCH("combine_rows_kernel");
 }
 

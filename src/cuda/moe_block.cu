@@ -39,15 +39,13 @@ Sizes sizes_of(const MoeShape& s, MoePath path) {
   return {pairs, rows};
 }
 
-/// Backward scratch: do [R,H], d_act [R,F], dh13 [R,2F], dx_rows [R,H] (bf16), d_w [P] and d_logits [T,E] fp32,
-/// routing workspace.
+/// Backward scratch beyond the forward's saved buffers: d_w [P] and d_logits [T,E] fp32, the routing workspace.
+/// Everything of [R,·] size reuses a saved forward buffer once it is dead (moe_backward's comment says which), so the
+/// workspace is what the forward keeps and no more (perf/NOTES.md: 6F+4H -> 3F+2H bf16 per row).
 std::size_t scratch_bytes(const MoeShape& s, MoePath path) {
   const Sizes z = sizes_of(s, path);
-  const std::size_t b = sizeof(bf16_t);
-  return align256(b * z.rows * s.hidden) + align256(b * z.rows * s.ffn) + align256(b * z.rows * 2 * s.ffn) +
-         align256(b * z.rows * s.hidden) + align256(sizeof(float) * z.pairs) +
-         align256(sizeof(float) * s.tokens * s.experts) + align256(routing_backward_workspace_bytes(s.tokens, s.experts)) +
-         align256(b * s.tokens * 3 * std::int64_t(s.shared_ffn));  // shared expert: d_act [T,S], dh13 [T,2S]
+  return align256(sizeof(float) * z.pairs) + align256(sizeof(float) * s.tokens * s.experts) +
+         align256(routing_backward_workspace_bytes(s.tokens, s.experts));
 }
 
 void check_shape(const MoeShape& s) {
@@ -93,6 +91,48 @@ GemmEngine resolve_engine(GemmEngine requested, const MoeShape& s, std::int64_t 
   return rows >= 512 ? GemmEngine::Cublas : GemmEngine::Kernel;
 }
 
+/// Whether an expert GEMM fuses SwiGLU into its epilogue: kmoe's kernel only (cuBLAS and CUTLASS here have none), unless
+/// MoeSaved::fuse_swiglu is off. routed: the routed experts (engine chosen by moe_forward); the shared expert always
+/// runs on kmoe's kernel.
+bool fused_swiglu(const MoeSaved& m, bool routed) { return m.fuse_swiglu && !(routed && sorted_rows(m)); }
+void run_gemm(const GroupedGemmArgs& a, const MoeSaved& m, bool routed, cudaStream_t stream) {
+  if (routed) expert_gemm(a, m, stream);
+  else grouped_gemm(a, stream);
+}
+
+/// `up` writes h13 = rows·[W1;W3]ᵀ to up.c_bf16 (b_split = F); then act = silu(h1)·h3: one GEMM with the SwiGLU
+/// epilogue (writing h13 and act; h13 is never read back) or the GEMM and swiglu_forward.
+void up_projection_swiglu(GroupedGemmArgs up, bf16_t* act, const MoeSaved& m, bool routed, cudaStream_t stream) {
+  if (fused_swiglu(m, routed)) {
+    up.epilogue = GemmEpilogue::SwigluForward;
+    up.h13_out = up.c_bf16;
+    up.ld_h13 = up.ldc;
+    up.c_bf16 = act;
+    up.ldc = up.b_split;
+    grouped_gemm(up, stream);
+    return;
+  }
+  run_gemm(up, m, routed, stream);
+  swiglu_forward(up.c_bf16, up.rows, up.b_split, act, stream);
+}
+
+/// `g` writes d_act = d_out·W2 to g.c_bf16 (n = F); then dh13 = SwiGLU backward(h13, d_act): one GEMM whose epilogue
+/// reads h13 and writes dh13 (d_act never reaches memory) or the GEMM and swiglu_backward.
+void act_grad_swiglu(GroupedGemmArgs g, const bf16_t* h13, bf16_t* dh13, const MoeSaved& m, bool routed,
+                     cudaStream_t stream) {
+  if (fused_swiglu(m, routed)) {
+    g.epilogue = GemmEpilogue::SwigluBackward;
+    g.h13_in = h13;
+    g.ld_h13 = 2 * g.n;
+    g.c_bf16 = dh13;
+    g.ldc = 2 * g.n;
+    grouped_gemm(g, stream);
+    return;
+  }
+  run_gemm(g, m, routed, stream);
+  swiglu_backward(h13, g.c_bf16, g.rows, g.n, dh13, stream);
+}
+
 /// The shared expert (one dense SwiGLU MLP over all tokens): y = Ws2 (silu(Ws1 x) * Ws3 x), written (not added).
 void shared_forward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, bf16_t* y, cudaStream_t stream) {
   const MoeShape& s = m.shape;
@@ -109,8 +149,7 @@ void shared_forward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, bf1
   up.b_split = S;
   up.c_bf16 = m.shared_h13;
   up.ldc = 2 * S;
-  grouped_gemm(up, stream);
-  swiglu_forward(m.shared_h13, s.tokens, S, m.shared_act, stream);
+  up_projection_swiglu(up, m.shared_act, m, false, stream);
   GroupedGemmArgs down;
   down.rows = s.tokens;
   down.n = s.hidden;
@@ -124,13 +163,24 @@ void shared_forward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, bf1
   grouped_gemm(down, stream);
 }
 
-/// Backward of shared_forward: dx += ..., d_shared_w* overwritten. scratch: [T,3S] bf16.
+/// Backward of shared_forward: dx += ..., d_shared_w* overwritten. Like moe_backward it consumes the forward's
+/// buffers: d_act goes over shared_act once dWs2 has read it, dh13 over shared_h13 in place.
 void shared_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const bf16_t* dy, const MoeGrads& g,
-                     bf16_t* scratch, cudaStream_t stream) {
+                     cudaStream_t stream) {
   const MoeShape& s = m.shape;
   const std::int64_t S = s.shared_ffn;
-  bf16_t* d_act = scratch;
-  bf16_t* dh13 = scratch + s.tokens * S;
+  GroupedGemmTNArgs t2;
+  t2.rows = s.tokens;
+  t2.m = s.hidden;
+  t2.n = S;
+  t2.a = dy;
+  t2.lda = s.hidden;
+  t2.b = m.shared_act;
+  t2.ldb = S;
+  t2.c0 = g.d_shared_w2;
+  grouped_gemm_tn(t2, stream);
+  bf16_t* d_act = m.shared_act;
+  bf16_t* dh13 = m.shared_h13;
   GroupedGemmArgs a;
   a.rows = s.tokens;
   a.n = S;
@@ -141,8 +191,7 @@ void shared_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, co
   a.b0 = w.shared_w2;  // [H,S] = [K,N]
   a.c_bf16 = d_act;
   a.ldc = S;
-  grouped_gemm(a, stream);
-  swiglu_backward(m.shared_h13, d_act, s.tokens, S, dh13, stream);
+  act_grad_swiglu(a, m.shared_h13, dh13, m, false, stream);
   GroupedGemmArgs b;
   b.rows = s.tokens;
   b.n = s.hidden;
@@ -169,16 +218,6 @@ void shared_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, co
   t.c1 = g.d_shared_w3;
   t.c_split = S;
   grouped_gemm_tn(t, stream);
-  GroupedGemmTNArgs t2;
-  t2.rows = s.tokens;
-  t2.m = s.hidden;
-  t2.n = S;
-  t2.a = dy;
-  t2.lda = s.hidden;
-  t2.b = m.shared_act;
-  t2.ldb = S;
-  t2.c0 = g.d_shared_w2;
-  grouped_gemm_tn(t2, stream);
 }
 
 }  // namespace
@@ -271,8 +310,7 @@ void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& m, bf16_t* y, c
   up.b_split = s.ffn;
   up.c_bf16 = m.h13;
   up.ldc = 2 * std::int64_t(s.ffn);
-  expert_gemm(up, m, stream);
-  swiglu_forward(m.h13, z.rows, s.ffn, m.act, stream);
+  up_projection_swiglu(up, m.act, m, true, stream);
 
   // out = act · W2ᵀ: scattered writes each row back to its pair's place (pair order), padded keeps block order.
   GroupedGemmArgs down = up;
@@ -301,10 +339,20 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   const Sizes z = sizes_of(s, m.path);
   const DispatchPlan& plan = m.plan;
   const bool padded = m.path == MoePath::Padded;
+  KMOE_CHECK_INPUT((dw1 != nullptr) != (grads.dw1_bf16 != nullptr) && (dw3 != nullptr) != (grads.dw3_bf16 != nullptr) &&
+                       (dw2 != nullptr) != (grads.dw2_bf16 != nullptr),
+                   "kmoe::core::cuda::moe_backward: give each expert weight gradient (dw1, dw3, dw2) either fp32 or "
+                   "bf16 storage, not both or neither");
   if (s.tokens == 0) {
-    KMOE_CUDA_CHECK(cudaMemsetAsync(d_gate, 0, sizeof(float) * s.experts * s.hidden, stream));
-    for (float* g : {dw1, dw3, dw2})
-      KMOE_CUDA_CHECK(cudaMemsetAsync(g, 0, sizeof(float) * s.experts * s.ffn * s.hidden, stream));
+    auto zero = [&](void* p, std::size_t bytes) {
+      if (p && bytes) KMOE_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream));
+    };
+    const std::size_t expert_elems = std::size_t(s.experts) * s.ffn * s.hidden, shared_elems = std::size_t(s.shared_ffn) * s.hidden;
+    zero(d_gate, sizeof(float) * s.experts * s.hidden);
+    for (float* g : {dw1, dw3, dw2}) zero(g, sizeof(float) * expert_elems);
+    for (bf16_t* g : {grads.dw1_bf16, grads.dw3_bf16, grads.dw2_bf16}) zero(g, sizeof(bf16_t) * expert_elems);
+    if (s.shared_ffn > 0)
+      for (float* g : {grads.d_shared_w1, grads.d_shared_w3, grads.d_shared_w2}) zero(g, sizeof(float) * shared_elems);
     return;
   }
   auto* at = static_cast<unsigned char*>(m.scratch);
@@ -313,14 +361,15 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
     at += align256(bytes);
     return p;
   };
-  auto* d_out = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.hidden));
-  auto* d_act = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.ffn));
-  auto* dh13 = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * 2 * s.ffn));
-  auto* dx_rows = static_cast<bf16_t*>(take(sizeof(bf16_t) * z.rows * s.hidden));
   auto* d_w = static_cast<float*>(take(sizeof(float) * z.pairs));
   auto* d_logits = static_cast<float*>(take(sizeof(float) * s.tokens * s.experts));
   void* route_work = take(routing_backward_workspace_bytes(s.tokens, s.experts));
-  auto* shared_scratch = static_cast<bf16_t*>(take(sizeof(bf16_t) * s.tokens * 3 * std::int64_t(s.shared_ffn)));
+  // The [R,·] tensors of the backward live in the forward's saved buffers, each taken once its last reader ran
+  // (one stream: enqueue order is execution order). This is why a forward's MoeSaved serves one backward.
+  bf16_t* d_out = m.out;    // after pair_dot read out
+  bf16_t* d_act = m.act;    // after dW2 read act
+  bf16_t* dh13 = m.h13;     // in place: swiglu_backward reads an element's h1, h3 before writing its dh1, dh3
+  bf16_t* dx_rows = m.xg;   // after d[W1;W3] read xg (the scattered kernel engine never used xg)
 
   const Range range("kmoe::moe_backward", m);
   const std::int64_t* out_row = out_row_map(m);  // pair -> row of m.out
@@ -328,11 +377,26 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   // y = sum_s w_s out_s: d w_s = <dy, out_s>; d out_s = w_s dy, laid out like the expert rows (sorted or padded).
   pair_dot(dy, m.out, s.hidden, out_row, s.tokens, s.k, d_w, stream);
   gather_rows(dy, s.hidden, padded ? plan.padded_pair : plan.sorted_pair, s.k, m.topk_weight, d_out, z.rows, stream);
+  const std::int64_t* offsets = padded ? plan.padded_offsets : plan.offsets;
+
+  // dW2_e = d_out_eᵀ · act_e (first: act's buffer becomes d_act next)
+  GroupedGemmTNArgs t2;
+  t2.groups = s.experts;
+  t2.offsets = offsets;
+  t2.m = s.hidden;
+  t2.n = s.ffn;
+  t2.a = d_out;
+  t2.lda = s.hidden;
+  t2.b = m.act;
+  t2.ldb = s.ffn;
+  t2.c0 = dw2;
+  t2.c0_bf16 = grads.dw2_bf16;
+  expert_gemm_tn(t2, m, stream);
 
   GroupedGemmArgs g;
   g.groups = s.experts;
   g.rows = z.rows;
-  g.offsets = padded ? plan.padded_offsets : plan.offsets;
+  g.offsets = offsets;
   g.tile_offsets = padded ? plan.padded_tile_offsets : plan.tile_offsets;
   g.b_trans = false;
   // d_act = d_out · W2 ([R,H]·[H,F])
@@ -343,8 +407,27 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   g.b0 = w.w2;
   g.c_bf16 = d_act;
   g.ldc = s.ffn;
-  expert_gemm(g, m, stream);
-  swiglu_backward(m.h13, d_act, z.rows, s.ffn, dh13, stream);
+  act_grad_swiglu(g, m.h13, dh13, m, true, stream);
+
+  // Weight gradients d[W1;W3]_e = dh13_eᵀ · x_e (before dx: xg's buffer becomes dx_rows next).
+  GroupedGemmTNArgs t;
+  t.groups = s.experts;
+  t.offsets = offsets;
+  t.m = 2 * std::int64_t(s.ffn);
+  t.n = s.hidden;
+  t.a = dh13;
+  t.lda = 2 * std::int64_t(s.ffn);
+  t.b = gathered ? m.xg : x;
+  t.ldb = s.hidden;
+  t.b_index = gathered ? nullptr : plan.sorted_pair;
+  t.b_div = s.k;
+  t.c0 = dw1;
+  t.c1 = dw3;
+  t.c0_bf16 = grads.dw1_bf16;
+  t.c1_bf16 = grads.dw3_bf16;
+  t.c_split = s.ffn;
+  expert_gemm_tn(t, m, stream);
+
   // dx_rows = dh13 · [W1;W3] ([R,2F]·[2F,H]); scattered rows go back to pair order
   g.n = s.hidden;
   g.k = 2 * std::int64_t(s.ffn);
@@ -359,35 +442,7 @@ void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& m, const
   expert_gemm(g, m, stream);
   combine_rows(dx_rows, s.hidden, out_row, nullptr, s.tokens, s.k, nullptr, dx, false, stream);
 
-  // Weight gradients: d[W1;W3]_e = dh13_eᵀ · x_e, dW2_e = d_out_eᵀ · act_e.
-  GroupedGemmTNArgs t;
-  t.groups = s.experts;
-  t.offsets = g.offsets;
-  t.m = 2 * std::int64_t(s.ffn);
-  t.n = s.hidden;
-  t.a = dh13;
-  t.lda = 2 * std::int64_t(s.ffn);
-  t.b = gathered ? m.xg : x;
-  t.ldb = s.hidden;
-  t.b_index = gathered ? nullptr : plan.sorted_pair;
-  t.b_div = s.k;
-  t.c0 = dw1;
-  t.c1 = dw3;
-  t.c_split = s.ffn;
-  expert_gemm_tn(t, m, stream);
-  GroupedGemmTNArgs t2;
-  t2.groups = s.experts;
-  t2.offsets = g.offsets;
-  t2.m = s.hidden;
-  t2.n = s.ffn;
-  t2.a = d_out;
-  t2.lda = s.hidden;
-  t2.b = m.act;
-  t2.ldb = s.ffn;
-  t2.c0 = dw2;
-  expert_gemm_tn(t2, m, stream);
-
-  if (s.shared_ffn > 0) shared_backward(x, w, m, dy, grads, shared_scratch, stream);
+  if (s.shared_ffn > 0) shared_backward(x, w, m, dy, grads, stream);
   routing_backward(x, w.gate, m.probs, m.topk_idx, m.topk_weight, d_w, s.tokens, s.hidden, s.experts, s.k, d_logits,
                    d_gate, dx, route_work, stream);
 }

@@ -1,8 +1,10 @@
 // MoeLayer on random data: finite-difference gradient checks of every parameter and of x (E not a power of two,
 // k = 1, k = E, experts without tokens, T = 1, a shared expert), both expert paths agreeing, Serial and OpenMP
-// agreeing, float against double, the stages composing like forward(), and shape errors.
+// agreeing, float against double, the stages composing like forward(), and shape errors; the write-into overloads
+// of forward/backward; how MoeOptions map onto the bf16 CUDA layer (testable without a GPU).
 #include "kernel_test_util.hpp"
 
+#include <kmoe/moe/detail/cuda_options.hpp>
 #include <kmoe/moe/moe_layer.hpp>
 
 #include <functional>
@@ -217,6 +219,96 @@ TEST(MoeLayer, BadShapesAreInputErrors) {
   bad.w2 = moe::MoeViews<double, Kokkos::Serial>::tensor3("w2", 5, 8, 5);
   EXPECT_THROW(Layer(bad, moe::MoeOptions{2}), InputError);
   EXPECT_THROW(moe::parse_expert_impl("dense"), UsageError);
+}
+
+
+// forward(x, y) / backward(dy, out) write every element of their outputs (poisoned first) and give forward(x) /
+// backward(dy)'s values exactly.
+TEST(MoeLayer, WriteIntoOverloadsMatchAndOverwrite) {
+  const Shape s{11, 8, 6, 5, 2, 4};
+  for (auto impl : {moe::ExpertImpl::Scatter, moe::ExpertImpl::Padded}) {
+    moe::MoeOptions opt;
+    opt.top_k = 2;
+    opt.impl = impl;
+    Layer layer(random_weights<double, Kokkos::Serial>(s, 21), opt);
+    Layer::matrix x("x", s.tokens, s.hidden), dy("dy", s.tokens, s.hidden);
+    fill_normal(x, 22);
+    fill_normal(dy, 23);
+    const auto y_ref = layer.forward(x);
+    const auto g_ref = layer.backward(dy);
+    constexpr double poison = 1e300;
+    Layer::matrix y("y", s.tokens, s.hidden);
+    Kokkos::deep_copy(y, poison);
+    moe::MoeBackward<double, Kokkos::Serial> out;
+    out.dx = Layer::matrix("dx", s.tokens, s.hidden);
+    out.grads = moe::uninitialized_like<double>(layer.weights());
+    Kokkos::deep_copy(out.dx, poison);
+    moe::for_each_weight_pair(out.grads, out.grads, [&](const auto& v, const auto&, const char*) {
+      Kokkos::deep_copy(v, poison);
+    });
+    layer.forward(x, y);
+    layer.backward(dy, out);
+    EXPECT_EQ(max_abs_diff(y, y_ref), 0.0);
+    EXPECT_EQ(max_abs_diff(out.dx, g_ref.dx), 0.0);
+    moe::for_each_weight_pair(out.grads, g_ref.grads, [](const auto& a, const auto& b, const char* name) {
+      EXPECT_EQ(max_abs_diff(a, b), 0.0) << name;
+    });
+    Layer::matrix short_y("y", s.tokens - 1, s.hidden);
+    EXPECT_THROW(layer.forward(x, short_y), InputError);
+    out.grads.w1 = moe::MoeViews<double, Kokkos::Serial>::tensor3("w1", s.experts, s.ffn + 1, s.hidden);
+    EXPECT_THROW(layer.backward(dy, out), InputError);
+  }
+}
+
+static_assert(std::is_same<moe::grad_value_t<double>, double>::value, "double layers keep double gradients");
+static_assert(std::is_same<moe::grad_value_t<float>, float>::value, "float layers keep float gradients");
+static_assert(std::is_same<moe::grad_value_t<bf16>, float>::value, "bf16 layers have fp32 gradients");
+static_assert(std::is_same<moe::MoeBackward<bf16, Kokkos::Serial>::value_type, float>::value, "");
+static_assert(std::is_same<moe::Routing<bf16, Kokkos::Serial>::value_matrix::value_type, float>::value, "");
+static_assert(moe::MoeLayer<double, Kokkos::Serial>::backend == moe::LayerBackend::Portable, "");
+
+// MoeOptions -> the hand-written CUDA block's settings (MoeLayer<bf16, Kokkos::Cuda>).
+TEST(MoeLayer, CudaBlockOptionsMapping) {
+  moe::MoeOptions o;
+  auto c = moe::detail::cuda_block_options(o);
+  EXPECT_FALSE(c.padded);
+  EXPECT_EQ(c.engine, moe::detail::CudaEngine::Auto);
+  o.impl = moe::ExpertImpl::Padded;
+  o.gemm = core::GemmAlgo::Blas;
+  c = moe::detail::cuda_block_options(o);
+  EXPECT_TRUE(c.padded);
+  EXPECT_EQ(c.engine, moe::detail::CudaEngine::Cublas);
+  o.gemm = core::GemmAlgo::Kokkos;
+  EXPECT_EQ(moe::detail::cuda_block_options(o).engine, moe::detail::CudaEngine::Kernel);
+  for (std::int64_t b : {1, 2, 32, 64, 128}) {
+    o.block = b;
+    EXPECT_NO_THROW(moe::detail::cuda_block_options(o)) << b;
+  }
+  for (std::int64_t b : {0, 3, 48, 96, 256}) {
+    o.block = b;
+    EXPECT_THROW(moe::detail::cuda_block_options(o), UsageError) << b;
+  }
+  o.block = 48;
+  try {
+    moe::detail::cuda_block_options(o);
+  } catch (const UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("block = 48 does not divide 128"), std::string::npos) << e.what();
+  }
+}
+
+// The gradient tensors a bf16 layer hands out: fp32, shaped like the weights.
+TEST(MoeLayer, UninitializedLikeShapesGradients) {
+  const Shape s{3, 8, 6, 5, 2, 4};
+  const auto w = random_weights<double, Kokkos::Serial>(s, 1);
+  moe::MoeWeights<bf16, Kokkos::Serial> wb;
+  moe::for_each_weight_pair(wb, w, [](auto& dst, const auto& src, const char*) {
+    dst = std::decay_t<decltype(dst)>("wb", src.layout());
+  });
+  const auto g = moe::uninitialized_like<float>(wb);
+  moe::for_each_weight_pair(g, w, [](const auto& a, const auto& b, const char* name) {
+    for (unsigned r = 0; r < b.rank; ++r) EXPECT_EQ(a.extent(r), b.extent(r)) << name;
+    EXPECT_NE(std::string(a.label()).find(name), std::string::npos) << a.label();
+  });
 }
 
 }  // namespace

@@ -19,8 +19,15 @@
 ///
 /// Data layout: row-major Views in ExecSpace's memory space; x [T,H], router [E,H], w1/w3 [E,F,H], w2 [E,H,F],
 /// shared_w1/w3 [S,H], shared_w2 [H,S]; topk_idx int64.
+///
+/// Backends (../shared/STYLE.md habit 3): the class template below is the portable implementation (float/double on
+/// any Kokkos space, Kokkos::Cuda included). In CUDA builds, MoeLayer<kmoe::bf16, Kokkos::Cuda> is a specialisation
+/// (<kmoe/moe/cuda/moe_layer.hpp>, included at the end of this header) that runs kmoe's hand-written CUDA block
+/// (bf16 storage, fp32 accumulation, fp32 gradients); MoeLayer<float, Kokkos::Cuda> is its portable counterpart.
 #pragma once
 
+#include <kmoe/config.hpp>
+#include <kmoe/core/bf16.hpp>
 #include <kmoe/core/dispatch_plan.hpp>
 #include <kmoe/core/expert_mlp.hpp>
 #include <kmoe/core/kernel_common.hpp>
@@ -28,9 +35,22 @@
 #include <Kokkos_Core.hpp>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kmoe::moe {
+
+/// Value type of a layer's routing outputs (logits, probabilities, top-k weights) and of its gradients: T for
+/// float/double layers, float for bf16 layers — the hand-written block computes routing in fp32 and accumulates and
+/// writes gradients in fp32 (mixed-precision "main gradients"; docs/decisions.md).
+template <class T>
+using grad_value_t = core::accum_t<T>;
+
+/// Which kernels a MoeLayer runs (MoeLayer<T, S>::backend).
+enum class LayerBackend {
+  Portable,  ///< kmoe's Kokkos kernels (src/include/kmoe/core/*.hpp), any execution space
+  Cuda       ///< kmoe's hand-written CUDA block (<kmoe/core/cuda/kernels.hpp>): MoeLayer<bf16, Kokkos::Cuda>
+};
 
 /// Which expert path the single-process layer runs.
 enum class ExpertImpl {
@@ -45,9 +65,14 @@ ExpertImpl parse_expert_impl(const std::string& name);
 struct MoeOptions {
   std::int64_t top_k = 2;                         ///< experts per token (1 <= top_k <= num_experts)
   ExpertImpl impl = ExpertImpl::Scatter;          ///< expert path of forward()/backward()
-  std::int64_t block = 32;                        ///< Padded: rows per expert rounded up to a multiple of this
-  core::GemmAlgo gemm = core::GemmAlgo::Auto;     ///< GEMM implementation (Kokkos forces the portable kernel)
-  std::int64_t tile_rows = core::kScatterTileRows;  ///< Scatter: rows per staged tile
+  /// Padded: rows per expert rounded up to a multiple of this. The bf16 CUDA layer pads to 128 rows (its GEMM tile)
+  /// and requires block to divide 128, so that its layout still is a multiple of block.
+  std::int64_t block = 32;
+  /// GEMM implementation. Portable layers: Auto/Blas = the BLAS TPL, Kokkos = kmoe's portable kernel (parity tests).
+  /// The bf16 CUDA layer: Auto = measured choice, Blas = cuBLAS per expert, Kokkos = kmoe's own grouped CUDA kernel
+  /// (kmoe's kernel instead of the vendor library; there is no portable bf16 path: use MoeLayer<float, Kokkos::Cuda>).
+  core::GemmAlgo gemm = core::GemmAlgo::Auto;
+  std::int64_t tile_rows = core::kScatterTileRows;  ///< Scatter, portable layers: rows per staged tile (CUDA: unused)
 };
 
 /// Row-major View aliases of a layer computing in T on ExecSpace.
@@ -101,13 +126,15 @@ template <class T, class ExecSpace>
 MoeWeights<T, ExecSpace> zeros_like(const MoeWeights<T, ExecSpace>& like);
 
 /// Stage (a)'s result: what routing decided for the local tokens, and the plan that dispatch/combine reuse.
+/// Value type grad_value_t<T> (fp32 for a bf16 layer).
 template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
 struct Routing {
   using views = MoeViews<T, ExecSpace>;
-  typename views::matrix logits;             ///< [T,E] router logits x·Gᵀ (what a load-balancing loss needs)
-  typename views::matrix probs;              ///< [T,E] softmax of the logits
+  using value_matrix = typename MoeViews<grad_value_t<T>, ExecSpace>::matrix;
+  value_matrix logits;                       ///< [T,E] router logits x·Gᵀ (what a load-balancing loss needs)
+  value_matrix probs;                        ///< [T,E] softmax of the logits
   typename views::index_matrix topk_idx;     ///< [T,k] chosen experts, descending probability
-  typename views::matrix topk_weight;        ///< [T,k] renormalised weights
+  value_matrix topk_weight;                  ///< [T,k] renormalised weights
   core::DispatchPlan<typename views::memory_space> plan;  ///< pairs grouped by (global) expert, padded offsets too
   /// Rows per expert (global experts), on the host.
   const std::vector<std::int64_t>& expert_counts() const { return plan.counts_host; }
@@ -123,22 +150,44 @@ struct ExpertContext {
   typename views::matrix y;         ///< [R,H] the expert outputs
 };
 
-/// Gradients of a backward pass.
+/// Gradients of a backward pass, in grad_value_t<T> (T for float/double layers, fp32 for a bf16 layer).
 template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
 struct MoeBackward {
-  typename MoeViews<T, ExecSpace>::matrix dx;  ///< [T,H]
-  MoeWeights<T, ExecSpace> grads;               ///< router = d gate, w1/w3/w2, shared_* (same shapes as the weights)
+  using value_type = grad_value_t<T>;
+  typename MoeViews<value_type, ExecSpace>::matrix dx;  ///< [T,H]
+  MoeWeights<value_type, ExecSpace> grads;  ///< router = d gate, w1/w3/w2, shared_* (same shapes as the weights)
 };
 
+/// Uninitialised gradient tensors (value type G) shaped like `like`'s weights, labelled kmoe::grad::NAME; used by
+/// layers whose kernels overwrite every gradient element.
+template <class G, class T, class ExecSpace>
+MoeWeights<G, ExecSpace> uninitialized_like(const MoeWeights<T, ExecSpace>& like) {
+  MoeWeights<G, ExecSpace> out;
+  for_each_weight_pair(out, like, [](auto& dst, const auto& src, const char* name) {
+    using V = std::decay_t<decltype(dst)>;
+    dst = V(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("kmoe::grad::") + name), src.layout());
+  });
+  out.first_expert = like.first_expert;
+  return out;
+}
+
 /// One MoE block. Not thread-safe: forward() saves the context that the next backward() consumes.
-/// \tparam T         double or float (float computes softmax in float32; bf16 checkpoints are widened to T on load)
-/// \tparam ExecSpace Kokkos execution space (Serial, OpenMP, ...); Views live in its memory space
+/// \tparam T         double or float (float computes softmax in float32; bf16 checkpoints are widened to T on load);
+///                   bf16 only on Kokkos::Cuda (the specialisation in <kmoe/moe/cuda/moe_layer.hpp>)
+/// \tparam ExecSpace Kokkos execution space (Serial, OpenMP, Cuda, ...); Views live in its memory space
 template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
 class MoeLayer {
+  static_assert(!std::is_same<T, bf16>::value,
+                "kmoe::moe::MoeLayer<bf16, S>: bf16 layers run only on Kokkos::Cuda (kmoe's hand-written CUDA block, "
+                "a build with KMOE_ENABLE_CUDA); on other spaces use MoeLayer<float, S> (bf16 checkpoints load "
+                "exactly into float)");
+
  public:
   using views = MoeViews<T, ExecSpace>;
   using matrix = typename views::matrix;
   using const_matrix = typename views::const_matrix;
+  /// The kernels this layer runs.
+  static constexpr LayerBackend backend = LayerBackend::Portable;
 
   /// \param weights [in] the parameters (views are shared, not copied); InputError on inconsistent shapes
   /// \param options [in] top_k, path, GEMM algorithm
@@ -153,12 +202,16 @@ class MoeLayer {
   /// y = block(x) [T,H]; saves the context for backward(). x must stay alive and unchanged until backward().
   /// InputError when x is not [T,H] with H = hidden (message names the shape), or when the layer holds a slice.
   matrix forward(const_matrix x);
+  /// As forward(x), writing y into `y` ([T,H], overwritten; InputError on another shape): no allocation of y.
+  void forward(const_matrix x, matrix y);
   /// Gradients of L = sum(y * dy) for the last forward(). InputError when dy's shape differs from y's.
   MoeBackward<T, ExecSpace> backward(const_matrix dy);
+  /// As backward(dy), writing into `out` (dx [T,H] and tensors shaped like the weights; all overwritten).
+  void backward(const_matrix dy, const MoeBackward<T, ExecSpace>& out);
   /// The last forward()'s routing (logits for a load-balancing loss, counts per expert).
   const Routing<T, ExecSpace>& routing() const { return routing_; }
   /// The last forward()'s router logits [T,E].
-  matrix router_logits() const { return routing_.logits; }
+  typename Routing<T, ExecSpace>::value_matrix router_logits() const { return routing_.logits; }
   /// The last forward()'s tokens per expert.
   const std::vector<std::int64_t>& expert_counts() const { return routing_.expert_counts(); }
 
@@ -192,6 +245,9 @@ class MoeLayer {
                        matrix d_w2) const;
 
  private:
+  /// backward() into gradients that hold zeros.
+  void backward_zeroed(const_matrix dy, const MoeBackward<T, ExecSpace>& out);
+
   MoeWeights<T, ExecSpace> weights_;
   MoeOptions options_;
   ExecSpace space_;
@@ -206,3 +262,6 @@ class MoeLayer {
 }  // namespace kmoe::moe
 
 #include <kmoe/moe/detail/moe_layer_impl.hpp>
+#if KMOE_ENABLE_CUDA
+#include <kmoe/moe/cuda/moe_layer.hpp>
+#endif

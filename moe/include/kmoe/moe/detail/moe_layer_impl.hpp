@@ -43,10 +43,10 @@ MoeWeights<T, ExecSpace> zeros_like(const MoeWeights<T, ExecSpace>& like) {
   return z;
 }
 
+namespace detail {
+/// The constructor's checks, shared by every backend: weight shapes consistent, top_k, block, tile_rows in range.
 template <class T, class ExecSpace>
-MoeLayer<T, ExecSpace>::MoeLayer(MoeWeights<T, ExecSpace> weights, MoeOptions options, ExecSpace space)
-    : weights_(std::move(weights)), options_(options), space_(space) {
-  const auto& w = weights_;
+void check_layer_arguments(const MoeWeights<T, ExecSpace>& w, const MoeOptions& options) {
   constexpr const char* fn = "kmoe::moe::MoeLayer";
   const std::int64_t h = w.hidden(), e = w.num_experts(), el = w.num_local_experts(), f = w.ffn();
   KMOE_CHECK_INPUT(h > 0 && e > 0, fn, ": router is [", e, ",", h, "], expected [experts, hidden] with both > 0");
@@ -68,10 +68,46 @@ MoeLayer<T, ExecSpace>::MoeLayer(MoeWeights<T, ExecSpace> weights, MoeOptions op
     core::detail::check_extent(fn, "shared_w2", w.shared_w2, 0, h);
     core::detail::check_extent(fn, "shared_w2", w.shared_w2, 1, s);
   }
-  KMOE_CHECK_INPUT(options_.top_k >= 1 && options_.top_k <= e, fn, ": top_k = ", options_.top_k, " outside [1, ", e,
+  KMOE_CHECK_INPUT(options.top_k >= 1 && options.top_k <= e, fn, ": top_k = ", options.top_k, " outside [1, ", e,
                    "]");
-  KMOE_CHECK_INPUT(options_.block >= 1, fn, ": block = ", options_.block, " (must be >= 1)");
-  KMOE_CHECK_INPUT(options_.tile_rows >= 1, fn, ": tile_rows = ", options_.tile_rows, " (must be >= 1)");
+  KMOE_CHECK_INPUT(options.block >= 1, fn, ": block = ", options.block, " (must be >= 1)");
+  KMOE_CHECK_INPUT(options.tile_rows >= 1, fn, ": tile_rows = ", options.tile_rows, " (must be >= 1)");
+}
+
+/// forward()'s check: the single-process calls need every expert on this layer.
+template <class T, class ExecSpace>
+void check_all_experts_local(const MoeWeights<T, ExecSpace>& w) {
+  KMOE_CHECK_INPUT(w.first_expert == 0 && w.num_local_experts() == w.num_experts(),
+                   "kmoe::moe::MoeLayer::forward: the layer holds experts [", w.first_expert, ",",
+                   w.first_expert + w.num_local_experts(), ") of ", w.num_experts(),
+                   "; a slice runs through the stages (expert parallelism)");
+}
+
+/// InputError "<fn>: <what> is [a,b], expected [rows,cols]" unless m is [rows, cols].
+template <class M>
+void check_matrix(const char* fn, const char* what, const M& m, std::int64_t rows, std::int64_t cols) {
+  KMOE_CHECK_INPUT(std::int64_t(m.extent(0)) == rows && std::int64_t(m.extent(1)) == cols, fn, ": ", what, " is [",
+                   m.extent(0), ",", m.extent(1), "], expected [", rows, ",", cols, "]");
+}
+
+/// backward(dy, out)'s check: every output tensor has the shape of x or of its weight.
+template <class G, class T, class ExecSpace>
+void check_gradient_shapes(const char* fn, const typename MoeViews<G, ExecSpace>::matrix& dx,
+                           const MoeWeights<G, ExecSpace>& grads, const MoeWeights<T, ExecSpace>& w,
+                           std::int64_t tokens) {
+  check_matrix(fn, "dx", dx, tokens, w.hidden());
+  for_each_weight_pair(grads, w, [&](const auto& g, const auto& like, const char* name) {
+    for (unsigned r = 0; r < like.rank; ++r)
+      KMOE_CHECK_INPUT(g.extent(r) == like.extent(r), fn, ": gradient ", name, " has extent(", r, ") = ",
+                       g.extent(r), ", expected ", like.extent(r));
+  });
+}
+}  // namespace detail
+
+template <class T, class ExecSpace>
+MoeLayer<T, ExecSpace>::MoeLayer(MoeWeights<T, ExecSpace> weights, MoeOptions options, ExecSpace space)
+    : weights_(std::move(weights)), options_(options), space_(space) {
+  detail::check_layer_arguments(weights_, options_);
 }
 
 template <class T, class ExecSpace>
@@ -187,18 +223,24 @@ void MoeLayer<T, ExecSpace>::shared_backward(const ExpertContext<T, ExecSpace>& 
 
 template <class T, class ExecSpace>
 typename MoeLayer<T, ExecSpace>::matrix MoeLayer<T, ExecSpace>::forward(const_matrix x) {
-  KMOE_CHECK_INPUT(weights_.first_expert == 0 && weights_.num_local_experts() == weights_.num_experts(),
-                   "kmoe::moe::MoeLayer::forward: the layer holds experts [", weights_.first_expert, ",",
-                   weights_.first_expert + weights_.num_local_experts(), ") of ", weights_.num_experts(),
-                   "; a slice runs through the stages (expert parallelism)");
+  matrix y = detail::uninit<matrix>("kmoe::moe::y", x.extent(0), x.extent(1));
+  forward(x, y);
+  return y;
+}
+
+template <class T, class ExecSpace>
+void MoeLayer<T, ExecSpace>::forward(const_matrix x, matrix y) {
+  detail::check_all_experts_local(weights_);
+  KMOE_CHECK_INPUT(std::int64_t(x.extent(1)) == weights_.hidden(), "kmoe::moe::MoeLayer::forward: x is [", x.extent(0),
+                   ",", x.extent(1), "], expected [tokens, ", weights_.hidden(), "]");
+  detail::check_matrix("kmoe::moe::MoeLayer::forward", "y", y, x.extent(0), x.extent(1));
   Kokkos::Profiling::pushRegion(options_.impl == ExpertImpl::Scatter ? "kmoe::moe::forward[scatter]"
                                                                      : "kmoe::moe::forward[padded]");
   have_forward_ = false;
   routing_ = route(x);
   x_ = x;
   const auto& plan = routing_.plan;
-  const std::int64_t tokens = x.extent(0), hidden = x.extent(1);
-  matrix y = detail::uninit<matrix>("kmoe::moe::y", tokens, hidden);
+  const std::int64_t hidden = x.extent(1);
   if (options_.impl == ExpertImpl::Scatter) {
     const std::int64_t f = weights_.ffn();
     experts_ = ExpertContext<T, ExecSpace>{};
@@ -217,20 +259,37 @@ typename MoeLayer<T, ExecSpace>::matrix MoeLayer<T, ExecSpace>::forward(const_ma
   shared_ = shared_forward(x, y);
   have_forward_ = true;
   Kokkos::Profiling::popRegion();
-  return y;
 }
 
 template <class T, class ExecSpace>
 MoeBackward<T, ExecSpace> MoeLayer<T, ExecSpace>::backward(const_matrix dy) {
   KMOE_CHECK_INPUT(have_forward_, "kmoe::moe::MoeLayer::backward: no forward() to differentiate");
+  MoeBackward<T, ExecSpace> out;
+  out.grads = zeros_like(weights_);
+  out.dx = matrix("kmoe::moe::dx", x_.extent(0), x_.extent(1));
+  backward_zeroed(dy, out);
+  return out;
+}
+
+template <class T, class ExecSpace>
+void MoeLayer<T, ExecSpace>::backward(const_matrix dy, const MoeBackward<T, ExecSpace>& out) {
+  KMOE_CHECK_INPUT(have_forward_, "kmoe::moe::MoeLayer::backward: no forward() to differentiate");
+  detail::check_gradient_shapes<T>("kmoe::moe::MoeLayer::backward", out.dx, out.grads, weights_, x_.extent(0));
+  // The portable kernels accumulate into dx and some weight gradients: start from zero.
+  Kokkos::deep_copy(space_, out.dx, T(0));
+  for_each_weight_pair(out.grads, weights_, [&](const auto& g, const auto&, const char*) {
+    Kokkos::deep_copy(space_, g, T(0));
+  });
+  backward_zeroed(dy, out);
+}
+
+template <class T, class ExecSpace>
+void MoeLayer<T, ExecSpace>::backward_zeroed(const_matrix dy, const MoeBackward<T, ExecSpace>& out) {
   KMOE_CHECK_INPUT(dy.extent(0) == x_.extent(0) && dy.extent(1) == x_.extent(1), "kmoe::moe::MoeLayer::backward: dy is [",
                    dy.extent(0), ",", dy.extent(1), "], expected [", x_.extent(0), ",", x_.extent(1), "]");
   Kokkos::Profiling::pushRegion(options_.impl == ExpertImpl::Scatter ? "kmoe::moe::backward[scatter]"
                                                                      : "kmoe::moe::backward[padded]");
   const auto& plan = routing_.plan;
-  MoeBackward<T, ExecSpace> out;
-  out.grads = zeros_like(weights_);
-  out.dx = matrix("kmoe::moe::dx", x_.extent(0), x_.extent(1));
   matrix d_topk_weight = detail::uninit<matrix>("kmoe::d_topk_weight", plan.num_tokens, plan.top_k);
   if (options_.impl == ExpertImpl::Scatter) {
     core::scatter_mlp_backward(space_, x_, plan, routing_.topk_weight, dy, weights_.w1, weights_.w3, weights_.w2,
@@ -246,7 +305,6 @@ MoeBackward<T, ExecSpace> MoeLayer<T, ExecSpace>::backward(const_matrix dy) {
   route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router);
   shared_backward(shared_, dy, out.dx, out.grads.shared_w1, out.grads.shared_w3, out.grads.shared_w2);
   Kokkos::Profiling::popRegion();
-  return out;
 }
 
 #define KMOE_MOE_LAYER_EXTERN(T, SPACE) \

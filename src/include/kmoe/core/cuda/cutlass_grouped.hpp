@@ -38,9 +38,10 @@ std::size_t cutlass_grouped_workspace_bytes(int groups);
 /// \param workspace [scratch] cutlass_grouped_workspace_bytes(args.groups) bytes of device memory, 256-byte aligned
 void grouped_gemm_cutlass(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream);
 
-/// Weight-gradient GEMM with the semantics of grouped_gemm_tn: C_g = A_gᵀ·B_g over each group's rows, fp32 out,
-/// overwritten; a group without rows gets zeros (written by the setup kernel; CUTLASS skips the group). a_index and
-/// b_index must be nullptr. One launch, 2 groups per expert when c1 is set (d[W1;W3] into dW1 and dW3).
+/// Weight-gradient GEMM with the semantics of grouped_gemm_tn: C_g = A_gᵀ·B_g over each group's rows, fp32 (c0/c1)
+/// or bf16 (c0_bf16/c1_bf16) out, fp32 accumulation, overwritten; a group without rows gets zeros (written by the
+/// setup kernel; CUTLASS skips the group). a_index and b_index must be nullptr. One launch, 2 groups per expert when
+/// c1 / c1_bf16 is set (d[W1;W3] into dW1 and dW3).
 void grouped_gemm_tn_cutlass(const GroupedGemmTNArgs& args, void* workspace, cudaStream_t stream);
 
 }  // namespace kmoe::core::cuda

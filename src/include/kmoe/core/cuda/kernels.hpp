@@ -110,6 +110,19 @@ void pair_dot(const bf16_t* dy, const bf16_t* src, std::int64_t cols, const std:
 
 // ---- grouped GEMMs (bf16 tensor cores, fp32 accumulate) ----------------------------------------------------------
 
+/// What grouped_gemm does with its fp32 tile before storing it. The SwiGLU epilogues exist in kmoe's kernel only (the
+/// cuBLAS engine has no such epilogue); they remove the separate swiglu_forward / swiglu_backward passes.
+///  Store          C = the GEMM (bf16 or fp32, optionally accumulated).
+///  SwigluForward  the GEMM is h13 = A·[W1;W3]ᵀ (b_trans, b1 given, n = 2·b_split = 2F): each block computes the same
+///                 columns f of h1 and h3, and C [rows, F] receives act = silu(h1)·h3 (from the bf16-rounded h1, h3,
+///                 as swiglu_forward computes it from the stored h13); h13_out (nullptr: not stored) receives h13.
+///  SwigluBackward the GEMM is d_act = A·W2 (b_trans = false, n = F); h13_in [rows, 2F] is read at C's rows and
+///                 C [rows, 2F] receives dh13 = [d_act·h3·silu'(h1) | d_act·silu(h1)] (d_act rounded to bf16 first,
+///                 as swiglu_backward reads it); d_act never reaches memory. C may alias h13_in (each element is read
+///                 before it is written, by the same thread).
+/// Fused epilogues need bf16 C, not accumulated, F, ldc and ld_h13 multiples of 8 and 16-byte aligned C and h13.
+enum class GemmEpilogue { Store, SwigluForward, SwigluBackward };
+
 /// Row-grouped GEMM: for each group g and row r in [offsets[g], offsets[g+1]):
 ///   C[crow(r), :] = A[arow(r), :] · op(B_g)
 /// arow(r) = a_index ? a_index[r] / a_div : r (a_index[r] < 0 reads a zero row); crow(r) = c_index ? c_index[r] : r.
@@ -137,6 +150,10 @@ struct GroupedGemmArgs {
   std::int64_t ldc = 0;
   const std::int64_t* c_index = nullptr;
   bool accumulate = false;                     ///< C += (fp32 output only)
+  GemmEpilogue epilogue = GemmEpilogue::Store;
+  bf16_t* h13_out = nullptr;                   ///< SwigluForward: [rows, 2F] pre-activations written, or nullptr
+  const bf16_t* h13_in = nullptr;              ///< SwigluBackward: [rows, 2F] pre-activations read
+  std::int64_t ld_h13 = 0;
 };
 void grouped_gemm(const GroupedGemmArgs& args, cudaStream_t stream);
 
@@ -159,6 +176,8 @@ struct GroupedGemmTNArgs {
   float* c0 = nullptr;
   float* c1 = nullptr;
   std::int64_t c_split = 0;                ///< c1 nullptr: all rows to c0 (c_split ignored)
+  bf16_t* c0_bf16 = nullptr;               ///< bf16 output instead of c0 (set one of c0 / c0_bf16; fp32 accumulation
+  bf16_t* c1_bf16 = nullptr;               ///< either way), and instead of c1
 };
 void grouped_gemm_tn(const GroupedGemmTNArgs& args, cudaStream_t stream);
 
@@ -166,7 +185,7 @@ void grouped_gemm_tn(const GroupedGemmTNArgs& args, cudaStream_t stream);
 
 /// act[r,f] = silu(h13[r,f]) * h13[r,F+f] for r < rows (h13 = [x·W1ᵀ | x·W3ᵀ], [rows, 2F]).
 void swiglu_forward(const bf16_t* h13, std::int64_t rows, std::int64_t ffn, bf16_t* act, cudaStream_t stream);
-/// dh13[r,f] = d_act * h3 * silu'(h1), dh13[r,F+f] = d_act * silu(h1).
+/// dh13[r,f] = d_act * h3 * silu'(h1), dh13[r,F+f] = d_act * silu(h1). dh13 may be h13 (in place).
 void swiglu_backward(const bf16_t* h13, const bf16_t* d_act, std::int64_t rows, std::int64_t ffn, bf16_t* dh13,
                      cudaStream_t stream);
 
@@ -187,8 +206,8 @@ enum class MoePath { Scattered, Padded };
 /// cublasGemmEx is host-launch-bound on small experts (fine-grained H=2048 F=768 E=64 k=8 T=8192, 1.6e9: CUTLASS
 /// 4.97 ms vs cuBLAS 7.41 ms per forward+backward, same run) and 1-3% faster on large ones (Mixtral T=2048, 3.0e10:
 /// 8.66 vs 8.83 ms; T=8192: 27.66 vs 28.61 ms, CUTLASS' fp32 weight-gradient GEMM). Without CUTLASS: Cublas when
-/// experts average at least 512
-/// rows, else Kernel (cuBLAS ~5x faster than kmoe's kernel on large experts, the kernel ~2x faster on small ones).
+/// experts average at least 512 rows, else Kernel (cuBLAS ~5x faster than kmoe's kernel on large experts, the kernel
+/// ~2x faster on small ones). These were measured before SwiGLU fusion, workspace aliasing and bf16 gradients (main).
 /// A CUDA graph can capture the block only with Kernel or Cutlass (Cublas synchronises with the host).
 enum class GemmEngine { Auto, Kernel, Cublas, Cutlass };
 /// Auto's boundary between the CUTLASS and cuBLAS engines: average rows per expert × F × H (between the fine-grained
@@ -212,6 +231,9 @@ struct MoeWeights {
   const bf16_t* shared_w2 = nullptr;
 };
 
+/// false when the environment sets KMOE_FUSED_SWIGLU=0 (the separate SwiGLU passes, for comparisons), else true.
+bool fused_swiglu_default();
+
 /// What the forward keeps for the backward, and the plan; carved from one workspace buffer.
 struct MoeSaved {
   MoeShape shape;
@@ -226,13 +248,17 @@ struct MoeSaved {
   bf16_t* out = nullptr;          ///< [R,H] unweighted expert outputs (pair order when scattered)
   bf16_t* xg = nullptr;           ///< [R,H] x gathered in expert order (padded path; scattered with Cublas)
   GemmEngine engine = GemmEngine::Auto;  ///< requested engine (set before moe_forward)
+  /// SwiGLU fused into the kernel engine's GEMM epilogues (GemmEpilogue), used by the routed experts on the kernel
+  /// engine and by the shared expert; the cuBLAS and CUTLASS engines always run the separate passes. Defaults to
+  /// fused_swiglu_default(); false keeps the separate passes (for comparisons).
+  bool fuse_swiglu = fused_swiglu_default();
   bool cublas = false;                   ///< the engine moe_forward used: cuBLAS ...
   bool cutlass = false;                  ///< ... or CUTLASS (neither: the kernel)
   void* cutlass_work = nullptr;          ///< the CUTLASS engine's per-group arrays (carved; KMOE_ENABLE_CUTLASS only)
   std::vector<std::int64_t> host_offsets;  ///< [E+1] row offsets of the GEMM groups (Cublas only)
   bf16_t* shared_h13 = nullptr;   ///< [T,2S] shared expert pre-activations (S > 0 only)
   bf16_t* shared_act = nullptr;   ///< [T,S]
-  void* scratch = nullptr;        ///< backward scratch
+  void* scratch = nullptr;        ///< backward scratch (small: the [R,·] tensors reuse the buffers above)
   std::size_t scratch_bytes = 0;
 };
 
@@ -245,17 +271,25 @@ MoeSaved moe_carve(void* workspace, const MoeShape& shape, MoePath path);
 /// routing. Enqueued on stream.
 void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& saved, bf16_t* y, cudaStream_t stream);
 
-/// Gradients of L = <y, dy> (fp32, all overwritten).
+/// Gradients of L = <y, dy> (all overwritten). The expert weight gradients come in fp32 (dw1/dw3/dw2) or bf16
+/// (dw1_bf16/...: what a bf16 PyTorch module's .grad holds; the GEMMs still accumulate in fp32, only the stored
+/// result is rounded; every engine): set exactly one of each pair. bf16 halves the bytes the weight-gradient GEMMs write
+/// (Mixtral-8x7B layer: 5.6 -> 2.8 GB per step, perf/NOTES.md).
 struct MoeGrads {
   float* dx = nullptr;      ///< [T,H]
   float* d_gate = nullptr;  ///< [E,H]
   float* dw1 = nullptr;     ///< [E,F,H]
   float* dw3 = nullptr;     ///< [E,F,H]
   float* dw2 = nullptr;     ///< [E,H,F]
+  bf16_t* dw1_bf16 = nullptr;  ///< [E,F,H] instead of dw1
+  bf16_t* dw3_bf16 = nullptr;  ///< [E,F,H] instead of dw3
+  bf16_t* dw2_bf16 = nullptr;  ///< [E,H,F] instead of dw2
   float* d_shared_w1 = nullptr;  ///< [S,H] (S > 0 only)
   float* d_shared_w3 = nullptr;  ///< [S,H]
   float* d_shared_w2 = nullptr;  ///< [H,S]
 };
+/// Consumes `saved`: the backward's [R,·] intermediates reuse the forward's saved buffers (h13, act, out, xg) as
+/// each dies, so a forward's MoeSaved serves exactly one backward (run moe_forward again before another backward).
 void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& saved, const bf16_t* dy, const MoeGrads& g,
                   cudaStream_t stream);
 
