@@ -52,7 +52,7 @@ void fill_random_bf16(bf16_t* out, std::int64_t n, float scale, std::uint64_t se
 void routing_softmax_topk(const float* logits, std::int64_t tokens, int experts, int k, float* probs,
                           std::int64_t* topk_idx, float* topk_weight, cudaStream_t stream);
 
-/// Routing forward: logits = x·Gᵀ (tensor cores, fp32 out), then routing_softmax_topk.
+/// Routing forward: logits = x·Gᵀ (one cuBLAS GEMM, bf16 in, fp32 out; no host wait), then routing_softmax_topk.
 void routing_forward(const bf16_t* x, const bf16_t* gate, std::int64_t tokens, int hidden, int experts, int k,
                      float* logits, float* probs, std::int64_t* topk_idx, float* topk_weight, cudaStream_t stream);
 
