@@ -9,6 +9,8 @@
 #include <kmoe/core/cuda/check.hpp>
 #include <kmoe/core/cuda/kernels.hpp>
 
+#include "bench_util.hpp"
+
 #include <algorithm>
 #include <cstdio>
 #include <functional>
@@ -33,53 +35,6 @@ const Shape kShapes[] = {
     {"finegrained_T8192", 8192, 2048, 8},
 };
 
-struct Device {
-  std::vector<void*> ptrs;
-  void* alloc(std::size_t bytes) {
-    void* p = nullptr;
-    KMOE_CUDA_CHECK(cudaMalloc(&p, bytes));
-    ptrs.push_back(p);
-    return p;
-  }
-  template <class T>
-  T* upload(const std::vector<T>& v) {
-    auto* p = static_cast<T*>(alloc(v.size() * sizeof(T)));
-    KMOE_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return p;
-  }
-  bf16_t* random_bf16(std::int64_t n, unsigned seed) {
-    auto* p = static_cast<bf16_t*>(alloc(std::size_t(n) * sizeof(bf16_t)));
-    fill_random_bf16(p, n, 1.f, seed, nullptr);
-    return p;
-  }
-  ~Device() {
-    for (void* p : ptrs) cudaFree(p);
-  }
-};
-
-/// Milliseconds of one call of f: median over `reps` event-timed calls after one warm-up.
-template <class F>
-double median_ms(F&& f, int reps = 21) {
-  f();
-  cudaEvent_t a, b;
-  KMOE_CUDA_CHECK(cudaEventCreate(&a));
-  KMOE_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<double> ms(reps);
-  for (int i = 0; i < reps; ++i) {
-    KMOE_CUDA_CHECK(cudaEventRecord(a));
-    f();
-    KMOE_CUDA_CHECK(cudaEventRecord(b));
-    KMOE_CUDA_CHECK(cudaEventSynchronize(b));
-    float v = 0;
-    KMOE_CUDA_CHECK(cudaEventElapsedTime(&v, a, b));
-    ms[i] = v;
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::nth_element(ms.begin(), ms.begin() + reps / 2, ms.end());
-  return ms[reps / 2];
-}
-
 /// A random permutation of the P = T·k pairs: row r of the expert-ordered buffer holds pair perm[r].
 std::vector<std::int64_t> random_perm(std::int64_t n, unsigned seed) {
   std::vector<std::int64_t> p(n);
@@ -91,7 +46,7 @@ std::vector<std::int64_t> random_perm(std::int64_t n, unsigned seed) {
 enum class Op { Gather, GatherWeighted, CombineBf16, CombineF32, PairDot };
 
 void BM_Rows(benchmark::State& state, Shape s, Op op) {
-  Device dev;
+  kmoe::perf::DeviceArena dev;
   const std::int64_t T = s.tokens, H = s.hidden, k = s.k, P = T * k;
   const auto perm = random_perm(P, 7);  // sorted row -> pair
   std::vector<std::int64_t> inv(P);     // pair -> sorted row
@@ -102,8 +57,8 @@ void BM_Rows(benchmark::State& state, Shape s, Op op) {
   std::mt19937 rng(3);
   for (auto& v : w) v = std::uniform_real_distribution<float>(0.1f, 1.f)(rng);
   const float* d_w = dev.upload(w);
-  const bf16_t* x = dev.random_bf16(T * H, 1);   // token rows
-  const bf16_t* rows = dev.random_bf16(P * H, 2);  // expert rows
+  const bf16_t* x = dev.random_bf16(T * H, 1.f, 1);   // token rows
+  const bf16_t* rows = dev.random_bf16(P * H, 1.f, 2);  // expert rows
   auto* rows_out = static_cast<bf16_t*>(dev.alloc(std::size_t(P * H) * 2));
   auto* tok_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(T * H) * 2));
   auto* tok_f32 = static_cast<float*>(dev.alloc(std::size_t(T * H) * 4));
@@ -139,10 +94,10 @@ void BM_Rows(benchmark::State& state, Shape s, Op op) {
   void* c_dst = dev.alloc(copy_bytes);
   KMOE_CUDA_CHECK(cudaMemset(c_src, 1, copy_bytes));
   const double copy_ms =
-      median_ms([&] { KMOE_CUDA_CHECK(cudaMemcpyAsync(c_dst, c_src, copy_bytes, cudaMemcpyDeviceToDevice)); });
+      kmoe::perf::median_event_ms([&] { KMOE_CUDA_CHECK(cudaMemcpyAsync(c_dst, c_src, copy_bytes, cudaMemcpyDeviceToDevice)); }, 1, 21);
   double kernel_ms = 0;
   for (auto _ : state) {
-    kernel_ms = median_ms(run);
+    kernel_ms = kmoe::perf::median_event_ms(run, 1, 21);
     state.SetIterationTime(kernel_ms / 1e3);
   }
   const double gbs = bytes / (kernel_ms * 1e-3) / 1e9, copy_gbs = 2.0 * copy_bytes / (copy_ms * 1e-3) / 1e9;

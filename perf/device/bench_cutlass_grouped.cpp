@@ -13,6 +13,8 @@
 #include <kmoe/core/cuda/cutlass_grouped.hpp>
 #include <kmoe/core/cuda/kernels.hpp>
 
+#include "bench_util.hpp"
+
 #include "common.cuh"  // detail::grouped_gemm_cublas: the cuBLAS engine itself (src/cuda, on this target's path)
 
 #include <algorithm>
@@ -39,57 +41,6 @@ const Shape kShapes[] = {
     {"finegrained-T8192", 8192, 2048, 768, 64, 8},
 };
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::size_t a = 0;
-  while (a <= s.size()) {
-    const std::size_t b = std::min(s.find(',', a), s.size());
-    if (b > a) out.push_back(s.substr(a, b - a));
-    a = b + 1;
-  }
-  return out;
-}
-
-struct Pool {
-  std::vector<void*> ptrs;
-  template <class T>
-  T* alloc(std::int64_t n) {
-    void* p = nullptr;
-    KMOE_CUDA_CHECK(cudaMalloc(&p, std::size_t(n) * sizeof(T)));
-    ptrs.push_back(p);
-    return static_cast<T*>(p);
-  }
-  bf16_t* random(std::int64_t n, float scale, std::uint64_t seed) {
-    bf16_t* p = alloc<bf16_t>(n);
-    fill_random_bf16(p, n, scale, seed, nullptr);
-    return p;
-  }
-  ~Pool() {
-    for (void* p : ptrs) cudaFree(p);
-  }
-};
-
-double median_ms(const std::function<void()>& f, int warmup, int reps) {
-  for (int i = 0; i < warmup; ++i) f();
-  KMOE_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<double> ms(reps);
-  cudaEvent_t a, b;
-  KMOE_CUDA_CHECK(cudaEventCreate(&a));
-  KMOE_CUDA_CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < reps; ++i) {
-    KMOE_CUDA_CHECK(cudaEventRecord(a));
-    f();
-    KMOE_CUDA_CHECK(cudaEventRecord(b));
-    KMOE_CUDA_CHECK(cudaEventSynchronize(b));
-    float v = 0;
-    KMOE_CUDA_CHECK(cudaEventElapsedTime(&v, a, b));
-    ms[i] = v;
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return reps % 2 ? ms[reps / 2] : 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
-}
 
 }  // namespace
 
@@ -116,7 +67,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_cutlass_grouped: no CUDA device\n");
     return 1;
   }
-  const std::vector<std::string> engines = split(engines_s);
+  const std::vector<std::string> engines = kmoe::perf::split_commas(engines_s);
   if (std::find(engines.begin(), engines.end(), "cutlass") != engines.end() && !cutlass_grouped_available()) {
     std::fprintf(stderr, "bench_cutlass_grouped: the CUTLASS engine is not available (build or device)\n");
     return 1;
@@ -127,7 +78,7 @@ int main(int argc, char** argv) {
   for (const auto& e : engines) std::printf(" %16s", (e + " ms (TF/s)").c_str());
   std::printf("\n");
   std::vector<std::string> json;
-  for (const std::string& id : split(shapes)) {
+  for (const std::string& id : kmoe::perf::split_commas(shapes)) {
     const Shape* s = nullptr;
     for (const Shape& c : kShapes)
       if (id == c.id) s = &c;
@@ -145,19 +96,19 @@ int main(int argc, char** argv) {
       tiles[e + 1] = tiles[e] + (off[e + 1] + kGemmTileRows - 1) / kGemmTileRows;
       off[e + 1] += off[e];
     }
-    Pool pool;
+    kmoe::perf::DeviceArena pool;
     auto* d_off = pool.alloc<std::int64_t>(E + 1);
     auto* d_tiles = pool.alloc<std::int64_t>(E + 1);
     KMOE_CUDA_CHECK(cudaMemcpy(d_off, off.data(), sizeof(std::int64_t) * (E + 1), cudaMemcpyHostToDevice));
     KMOE_CUDA_CHECK(cudaMemcpy(d_tiles, tiles.data(), sizeof(std::int64_t) * (E + 1), cudaMemcpyHostToDevice));
     const float ws = 1.f / std::sqrt(float(H));
-    bf16_t* xg = pool.random(R * H, 1.f, 1);
-    bf16_t* w1 = pool.random(E * F * H, ws, 2);
-    bf16_t* w3 = pool.random(E * F * H, ws, 3);
-    bf16_t* w2 = pool.random(E * H * F, 1.f / std::sqrt(float(F)), 4);
-    bf16_t* act = pool.random(R * F, 1.f, 5);
-    bf16_t* dh13 = pool.random(R * 2 * F, 1.f, 6);
-    bf16_t* d_out = pool.random(R * H, 1.f, 7);
+    bf16_t* xg = pool.random_bf16(R * H, 1.f, 1);
+    bf16_t* w1 = pool.random_bf16(E * F * H, ws, 2);
+    bf16_t* w3 = pool.random_bf16(E * F * H, ws, 3);
+    bf16_t* w2 = pool.random_bf16(E * H * F, 1.f / std::sqrt(float(F)), 4);
+    bf16_t* act = pool.random_bf16(R * F, 1.f, 5);
+    bf16_t* dh13 = pool.random_bf16(R * 2 * F, 1.f, 6);
+    bf16_t* d_out = pool.random_bf16(R * H, 1.f, 7);
     bf16_t* c_rows = pool.alloc<bf16_t>(R * std::max(2 * F, H));
     float* dw_a = pool.alloc<float>(E * F * H);
     float* dw_b = pool.alloc<float>(E * F * H);
@@ -212,7 +163,7 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "bench_cutlass_grouped: unknown engine %s\n", e.c_str());
           return 2;
         }
-        const double ms = median_ms(call, warmup, reps);
+        const double ms = kmoe::perf::median_event_ms(call, warmup, reps);
         const double tf = op.flops / (ms * 1e-3) / 1e12;
         std::printf(" %8.3f (%5.0f)", ms, tf);
         char buf[512];

@@ -30,6 +30,8 @@
 #include <kmoe/core/cuda/check.hpp>
 #include <kmoe/core/cuda/kernels.hpp>
 
+#include "bench_util.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -59,39 +61,10 @@ const Shape kShapes[] = {
     {"finegrained-T2048", "finegrained", 2048, 2048, 768, 64, 8},  // 256 rows per expert: Auto picks the kernel (CUTLASS if built)
 };
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::size_t a = 0;
-  while (a <= s.size()) {
-    const std::size_t b = std::min(s.find(',', a), s.size());
-    if (b > a) out.push_back(s.substr(a, b - a));
-    a = b + 1;
-  }
-  return out;
-}
-
 [[noreturn]] void usage(const std::string& why) {
   std::fprintf(stderr, "moe_peer_bench: %s\n", why.c_str());
   std::exit(2);
 }
-
-struct Device {
-  std::vector<void*> ptrs;
-  void* alloc(std::size_t bytes) {
-    void* p = nullptr;
-    KMOE_CUDA_CHECK(cudaMalloc(&p, bytes));
-    ptrs.push_back(p);
-    return p;
-  }
-  bf16_t* random_bf16(std::int64_t n, float scale, std::uint64_t seed) {
-    auto* p = static_cast<bf16_t*>(alloc(std::size_t(n) * sizeof(bf16_t)));
-    fill_random_bf16(p, n, scale, seed, nullptr);
-    return p;
-  }
-  ~Device() {
-    for (void* p : ptrs) cudaFree(p);
-  }
-};
 
 std::size_t free_bytes() {
   std::size_t f = 0, t = 0;
@@ -128,7 +101,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int 
                int reps, std::uint64_t seed) {
   const MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
   const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
-  Device dev;
+  kmoe::perf::DeviceArena dev;
   const std::uint64_t base = seed * 1000 + 17;
   bf16_t* x = dev.random_bf16(T * H, 1.f, base + 1);
   bf16_t* dy = dev.random_bf16(T * H, 1.f, base + 2);
@@ -287,7 +260,7 @@ int main(int argc, char** argv) {
   else if (swiglu_s == "both") fuse_list = {0, 1};
   else usage("--swiglu must be default, fused, unfused or both, not '" + swiglu_s + "'");
   std::vector<const Shape*> todo;
-  for (const std::string& id : split(shapes)) {
+  for (const std::string& id : kmoe::perf::split_commas(shapes)) {
     const Shape* found = nullptr;
     for (const Shape& s : kShapes)
       if (id == s.id) found = &s;
@@ -296,7 +269,7 @@ int main(int argc, char** argv) {
     todo.push_back(found);
   }
   std::vector<MoePath> path_list;
-  for (const std::string& p : split(paths)) {
+  for (const std::string& p : kmoe::perf::split_commas(paths)) {
     if (p == "scatter") path_list.push_back(MoePath::Scattered);
     else if (p == "padded") path_list.push_back(MoePath::Padded);
     else usage("unknown path '" + p + "' (scatter, padded)");
