@@ -32,13 +32,9 @@ auto as_one_group(const M& m) {
 template <class T, class ExecSpace>
 MoeWeights<T, ExecSpace> zeros_like(const MoeWeights<T, ExecSpace>& like) {
   MoeWeights<T, ExecSpace> z;
-  z.router = detail::alloc_like("kmoe::grad::router", like.router);
-  z.w1 = detail::alloc_like("kmoe::grad::w1", like.w1);
-  z.w3 = detail::alloc_like("kmoe::grad::w3", like.w3);
-  z.w2 = detail::alloc_like("kmoe::grad::w2", like.w2);
-  z.shared_w1 = detail::alloc_like("kmoe::grad::shared_w1", like.shared_w1);
-  z.shared_w3 = detail::alloc_like("kmoe::grad::shared_w3", like.shared_w3);
-  z.shared_w2 = detail::alloc_like("kmoe::grad::shared_w2", like.shared_w2);
+  for_each_weight_pair(z, like, [](auto& out, const auto& in, const char* name) {
+    out = detail::alloc_like(("kmoe::grad::" + std::string(name)).c_str(), in);
+  });
   z.first_expert = like.first_expert;
   return z;
 }
