@@ -190,15 +190,7 @@ void MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy, const MoeBackward<b
   });
   Kokkos::Profiling::pushRegion(block_.padded ? "kmoe::moe::backward[cuda,padded]"
                                               : "kmoe::moe::backward[cuda,scattered]");
-  kc::MoeGrads g;
-  g.dx = out.dx.data();
-  g.d_gate = out.grads.router.data();
-  g.dw1 = out.grads.w1.data();
-  g.dw3 = out.grads.w3.data();
-  g.dw2 = out.grads.w2.data();
-  g.d_shared_w1 = out.grads.shared_w1.data();
-  g.d_shared_w3 = out.grads.shared_w3.data();
-  g.d_shared_w2 = out.grads.shared_w2.data();
+  const kc::MoeGrads g = detail::raw_grads(out);
   saved_consumed_ = true;
   if (shape_.tokens > 0) {
     kc::moe_backward(bits(x_.data()), raw_weights(weights_), saved_, bits(dy.data()), g, space_.cuda_stream());

@@ -28,6 +28,27 @@ struct MoeResult {
   int routing_adopted = 0;     // near ties where the GPU's choice was adopted
 };
 
+/// A problem's sizes and weights from one layer's weights loaded in float (host Views with the member names of
+/// io::MoeLayerWeights); x and dy are the caller's.
+template <class W>
+MoeProblem problem_from_weights(const W& w, int top_k) {
+  auto flat = [](const auto& v) { return std::vector<float>(v.data(), v.data() + v.span()); };
+  MoeProblem p;
+  p.hidden = int(w.router.extent(1));
+  p.experts = int(w.router.extent(0));
+  p.ffn = int(w.w1.extent(1));
+  p.k = top_k;
+  p.shared_ffn = int(w.shared_w1.extent(0));
+  p.gate = flat(w.router);
+  p.w1 = flat(w.w1);
+  p.w3 = flat(w.w3);
+  p.w2 = flat(w.w2);
+  p.sw1 = flat(w.shared_w1);
+  p.sw3 = flat(w.shared_w3);
+  p.sw2 = flat(w.shared_w2);
+  return p;
+}
+
 inline std::vector<float> round_bf16(std::vector<float> v) {
   for (auto& f : v) f = kmoe::bf16::bits_to_float(kmoe::bf16::float_to_bits(f));
   return v;

@@ -277,29 +277,12 @@ TEST(CudaMoe, WorkspaceIsTheSavedActivations) {
 
 std::vector<float> to_float(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
 
-template <class V>
-std::vector<float> flat(const V& view) {
-  return std::vector<float>(view.data(), view.data() + view.span());
-}
 
 /// Layer `layer` of an oracle checkpoint as a MoeProblem: the weights (bf16 on disk: exact in float), x and dy
 /// (the reference file's float64 values) rounded to bf16.
 test::MoeProblem oracle_problem(const io::HfCheckpoint& ckpt, int layer, const std::vector<double>& x,
                                 const std::vector<double>& dy) {
-  const auto wts = io::load_moe_layer<float>(ckpt, layer);
-  test::MoeProblem p;
-  p.hidden = int(wts.router.extent(1));
-  p.experts = int(wts.router.extent(0));
-  p.ffn = int(wts.w1.extent(1));
-  p.k = int(ckpt.config().top_k);
-  p.shared_ffn = int(wts.shared_w1.extent(0));
-  p.gate = flat(wts.router);
-  p.w1 = flat(wts.w1);
-  p.w3 = flat(wts.w3);
-  p.w2 = flat(wts.w2);
-  p.sw1 = flat(wts.shared_w1);
-  p.sw3 = flat(wts.shared_w3);
-  p.sw2 = flat(wts.shared_w2);
+  test::MoeProblem p = test::problem_from_weights(io::load_moe_layer<float>(ckpt, layer), int(ckpt.config().top_k));
   p.x = test::round_bf16(to_float(x));
   p.dy = test::round_bf16(to_float(dy));
   p.tokens = std::int64_t(p.x.size()) / p.hidden;

@@ -221,19 +221,7 @@ std::vector<std::pair<std::string, MoeProblem>> testdata_problems() {
     for (int layer = 0; layer < ckpt.config().num_layers; ++layer) {
       const std::string pre = "layers." + std::to_string(layer) + ".";
       const auto w = io::load_moe_layer<float>(ckpt, layer);  // bf16 on disk: exact in float
-      MoeProblem p;
-      p.hidden = int(w.router.extent(1));
-      p.experts = int(w.router.extent(0));
-      p.ffn = int(w.w1.extent(1));
-      p.k = int(ckpt.config().top_k);
-      p.shared_ffn = int(w.shared_w1.extent(0));
-      p.gate = flat(w.router);
-      p.w1 = flat(w.w1);
-      p.w3 = flat(w.w3);
-      p.w2 = flat(w.w2);
-      p.sw1 = flat(w.shared_w1);
-      p.sw3 = flat(w.shared_w3);
-      p.sw2 = flat(w.shared_w2);
+      MoeProblem p = test::problem_from_weights(w, int(ckpt.config().top_k));
       p.x = test::round_bf16(flat(io::to_host_view<float>(ref.tensor(pre + "x"))));
       p.dy = test::round_bf16(flat(io::to_host_view<float>(ref.tensor(pre + "dy"))));
       p.tokens = std::int64_t(p.x.size()) / p.hidden;
@@ -315,15 +303,7 @@ TEST(CudaMoeLayer, BitIdenticalToTheRawBlock) {
       moe::MoeBackward<bf16, Cuda> raw;
       raw.dx = Bf16Layer::grad_matrix("dx_raw", p.tokens, p.hidden);
       raw.grads = moe::uninitialized_like<float>(w);
-      kc::MoeGrads rg;
-      rg.dx = raw.dx.data();
-      rg.d_gate = raw.grads.router.data();
-      rg.dw1 = raw.grads.w1.data();
-      rg.dw3 = raw.grads.w3.data();
-      rg.dw2 = raw.grads.w2.data();
-      rg.d_shared_w1 = raw.grads.shared_w1.data();
-      rg.d_shared_w3 = raw.grads.shared_w3.data();
-      rg.d_shared_w2 = raw.grads.shared_w2.data();
+      const kc::MoeGrads rg = moe::detail::raw_grads(raw);
       kc::moe_backward(b(x.data()), rw, saved, b(dy.data()), rg, nullptr);
       Kokkos::fence();
 

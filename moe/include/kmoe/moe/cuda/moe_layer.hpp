@@ -33,6 +33,20 @@ namespace kmoe::moe {
 namespace detail {
 template <class...>
 constexpr bool always_false = false;
+
+/// The raw block's view of a bf16 layer's gradients (fp32 device tensors, kernels.hpp's MoeGrads).
+inline core::cuda::MoeGrads raw_grads(const MoeBackward<bf16, Kokkos::Cuda>& out) {
+  core::cuda::MoeGrads g;
+  g.dx = out.dx.data();
+  g.d_gate = out.grads.router.data();
+  g.dw1 = out.grads.w1.data();
+  g.dw3 = out.grads.w3.data();
+  g.dw2 = out.grads.w2.data();
+  g.d_shared_w1 = out.grads.shared_w1.data();
+  g.d_shared_w3 = out.grads.shared_w3.data();
+  g.d_shared_w2 = out.grads.shared_w2.data();
+  return g;
+}
 }  // namespace detail
 
 /// One MoE block on kmoe's hand-written CUDA kernels. Same API as the portable MoeLayer (moe_layer.hpp) for the
