@@ -277,7 +277,6 @@ TEST(CudaMoe, WorkspaceIsTheSavedActivations) {
 
 std::vector<float> to_float(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
 
-
 /// Layer `layer` of an oracle checkpoint as a MoeProblem: the weights (bf16 on disk: exact in float), x and dy
 /// (the reference file's float64 values) rounded to bf16.
 test::MoeProblem oracle_problem(const io::HfCheckpoint& ckpt, int layer, const std::vector<double>& x,
