@@ -64,7 +64,8 @@ class MoeLayer<bf16, Kokkos::Cuda> {
   /// \param weights [in] bf16 parameters in CudaSpace (shared, not copied; contiguous); InputError on inconsistent
   ///                shapes, hidden/ffn/shared ffn not multiples of 8, more than 256 experts or top_k > 32
   /// \param options [in] top_k; impl Scatter/Padded -> the block's scattered/padded path; gemm Auto/Blas/Kokkos ->
-  ///                engine Auto/cuBLAS/kmoe's kernel; UsageError when block does not divide 128
+  ///                engine Auto (CUTLASS on small experts when built, else cuBLAS/kernel by size)/cuBLAS/kmoe's kernel;
+  ///                UsageError when block does not divide 128
   /// \param space   [in] the instance whose stream all work is enqueued on
   MoeLayer(MoeWeights<bf16, Kokkos::Cuda> weights, MoeOptions options, Kokkos::Cuda space = Kokkos::Cuda());
 
