@@ -26,18 +26,6 @@ kc::GemmEngine engine_of(detail::CudaEngine e) {
   return kc::GemmEngine::Auto;
 }
 
-kc::MoeWeights raw_weights(const MoeWeights<bf16, Kokkos::Cuda>& w) {
-  kc::MoeWeights r;
-  r.gate = bits(w.router.data());
-  r.w1 = bits(w.w1.data());
-  r.w3 = bits(w.w3.data());
-  r.w2 = bits(w.w2.data());
-  r.shared_w1 = bits(w.shared_w1.data());
-  r.shared_w3 = bits(w.shared_w3.data());
-  r.shared_w2 = bits(w.shared_w2.data());
-  return r;
-}
-
 template <class V>
 void check_contiguous(const char* fn, const char* what, const V& v) {
   KMOE_CHECK_INPUT(v.span_is_contiguous(), fn, ": ", what,
@@ -107,7 +95,7 @@ void MoeLayer<bf16, Kokkos::Cuda>::forward(const_matrix x, matrix y) {
   saved_ = kc::moe_carve(workspace_.data(), shape_, path);
   saved_.engine = engine_of(block_.engine);
   if (shape_.tokens > 0)  // zero tokens: nothing to route (the kernels would launch empty grids)
-    kc::moe_forward(bits(x.data()), raw_weights(weights_), saved_, reinterpret_cast<kc::bf16_t*>(y.data()),
+    kc::moe_forward(bits(x.data()), detail::raw_weights(weights_), saved_, reinterpret_cast<kc::bf16_t*>(y.data()),
                     space_.cuda_stream());
   x_ = x;
   expose_routing();
@@ -193,7 +181,7 @@ void MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy, const MoeBackward<b
   const kc::MoeGrads g = detail::raw_grads(out);
   saved_consumed_ = true;
   if (shape_.tokens > 0) {
-    kc::moe_backward(bits(x_.data()), raw_weights(weights_), saved_, bits(dy.data()), g, space_.cuda_stream());
+    kc::moe_backward(bits(x_.data()), detail::raw_weights(weights_), saved_, bits(dy.data()), g, space_.cuda_stream());
   } else {  // no tokens: every weight gradient is zero (dx is empty)
     for_each_weight_pair(out.grads, out.grads, [&](const auto& v, const auto&, const char*) {
       Kokkos::deep_copy(space_, v, 0.f);

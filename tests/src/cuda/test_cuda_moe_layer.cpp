@@ -290,14 +290,7 @@ TEST(CudaMoeLayer, BitIdenticalToTheRawBlock) {
       saved.engine = gemm == core::GemmAlgo::Blas ? kc::GemmEngine::Cublas : kc::GemmEngine::Kernel;
       const auto& w = layer.weights();
       auto b = [](const bf16* q) { return reinterpret_cast<const kc::bf16_t*>(q); };
-      kc::MoeWeights rw;
-      rw.gate = b(w.router.data());
-      rw.w1 = b(w.w1.data());
-      rw.w3 = b(w.w3.data());
-      rw.w2 = b(w.w2.data());
-      rw.shared_w1 = b(w.shared_w1.data());
-      rw.shared_w3 = b(w.shared_w3.data());
-      rw.shared_w2 = b(w.shared_w2.data());
+      const kc::MoeWeights rw = moe::detail::raw_weights(w);
       Bf16Layer::matrix y_raw("y_raw", p.tokens, p.hidden);
       kc::moe_forward(b(x.data()), rw, saved, reinterpret_cast<kc::bf16_t*>(y_raw.data()), nullptr);
       moe::MoeBackward<bf16, Cuda> raw;

@@ -34,6 +34,21 @@ namespace detail {
 template <class...>
 constexpr bool always_false = false;
 
+/// The raw block's view of a bf16 layer's weights (kernels.hpp's MoeWeights: bf16 bit patterns).
+inline core::cuda::MoeWeights raw_weights(const MoeWeights<bf16, Kokkos::Cuda>& w) {
+  static_assert(sizeof(bf16) == sizeof(core::cuda::bf16_t), "kmoe::bf16 is the bf16 bit pattern");
+  auto bits = [](const bf16* p) { return reinterpret_cast<const core::cuda::bf16_t*>(p); };
+  core::cuda::MoeWeights r;
+  r.gate = bits(w.router.data());
+  r.w1 = bits(w.w1.data());
+  r.w3 = bits(w.w3.data());
+  r.w2 = bits(w.w2.data());
+  r.shared_w1 = bits(w.shared_w1.data());
+  r.shared_w3 = bits(w.shared_w3.data());
+  r.shared_w2 = bits(w.shared_w2.data());
+  return r;
+}
+
 /// The raw block's view of a bf16 layer's gradients (fp32 device tensors, kernels.hpp's MoeGrads).
 inline core::cuda::MoeGrads raw_grads(const MoeBackward<bf16, Kokkos::Cuda>& out) {
   core::cuda::MoeGrads g;
