@@ -9,6 +9,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,11 @@ class CommExchange final : public moe::ExpertExchange {
     convert(recvs, recvs_);
     cudaStream_t stream = space.cuda_stream();
     const bool ordered = comm_stream_ != nullptr && comm_stream_ != stream;
+    std::chrono::steady_clock::time_point t0;
+    if (timing_) {  // measured alone: everything before has finished, the clock stops when the rows are in place
+      space.fence();
+      t0 = std::chrono::steady_clock::now();
+    }
     if (ordered) {
       KMOE_CUDA_CHECK(cudaEventRecord(before_, stream));
       KMOE_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, before_, 0));
@@ -71,6 +77,19 @@ class CommExchange final : public moe::ExpertExchange {
       KMOE_CUDA_CHECK(cudaEventRecord(after_, comm_stream_));
       KMOE_CUDA_CHECK(cudaStreamWaitEvent(stream, after_, 0));
     }
+    if (timing_) {
+      if (comm_stream_) KMOE_CUDA_CHECK(cudaStreamSynchronize(comm_stream_));
+      stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      ++stats_.calls;
+      for (const auto& b : sends) stats_.bytes += double(b.rows) * double(row_elems) * sizeof(bf16);
+    }
+  }
+
+  void set_timing(bool on) { timing_ = on; }
+  ExchangeStats take_stats() {
+    const ExchangeStats s = stats_;
+    stats_ = ExchangeStats{};
+    return s;
   }
 
  private:
@@ -80,6 +99,8 @@ class CommExchange final : public moe::ExpertExchange {
   cudaEvent_t before_ = nullptr, after_ = nullptr;
   std::vector<std::int64_t> send_counts_;
   std::vector<RowBlock> sends_, recvs_;
+  bool timing_ = false;
+  ExchangeStats stats_;
 };
 
 }  // namespace detail
@@ -127,6 +148,9 @@ moe::MoeBackward<bf16, Kokkos::Cuda> DistributedMoe<bf16, Kokkos::Cuda>::backwar
 void DistributedMoe<bf16, Kokkos::Cuda>::backward(const_matrix dy, const moe::MoeBackward<bf16, Kokkos::Cuda>& out) {
   layer_.backward(dy, out, *exchange_);
 }
+
+void DistributedMoe<bf16, Kokkos::Cuda>::time_exchanges(bool on) { exchange_->set_timing(on); }
+ExchangeStats DistributedMoe<bf16, Kokkos::Cuda>::take_exchange_stats() { return exchange_->take_stats(); }
 
 GradientSet DistributedMoe<bf16, Kokkos::Cuda>::gradient_set(const moe::MoeBackward<bf16, Kokkos::Cuda>& b) const {
   return expert_gradient_set(*layout_, b.grads);

@@ -33,7 +33,6 @@ class SideStreams {
     s.init(n);
     return s;
   }
-  int size() const { return n_; }
   cublasHandle_t handle(int i) const { return handles_[i]; }
   cudaStream_t stream(int i) const { return streams_[i]; }
   void fork(cudaStream_t main) {

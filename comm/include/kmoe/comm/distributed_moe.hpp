@@ -95,6 +95,13 @@ class DistributedMoe {
 };
 
 #if KMOE_ENABLE_CUDA
+/// What the row exchanges of DistributedMoe<bf16, Kokkos::Cuda> moved and how long they took, while timed.
+struct ExchangeStats {
+  std::int64_t calls = 0;  ///< exchanges (two per forward, two per backward)
+  double bytes = 0;        ///< bytes this rank sent (its own rows included, as nccl-tests counts them)
+  double seconds = 0;      ///< wall time of the exchanges alone (each starts after a fence, ends when rows are in place)
+};
+
 namespace detail {
 class CommExchange;  // comm/src/cuda_distributed_moe.cpp: moe::ExpertExchange over the ep group's Communicator
 }  // namespace detail
@@ -133,6 +140,11 @@ class DistributedMoe<bf16, Kokkos::Cuda> {
   void backward(const_matrix dy, const moe::MoeBackward<bf16, Kokkos::Cuda>& out);
   /// A GradientSet over `grads` (router and shared expert replicated, w1/w3/w2 expert slices).
   GradientSet gradient_set(const moe::MoeBackward<bf16, Kokkos::Cuda>& grads) const;
+
+  /// Benchmarks: time every row exchange on its own (a fence before each, a wait after: slower, so off by default)
+  /// and collect ExchangeStats; take_exchange_stats() returns and resets them.
+  void time_exchanges(bool on);
+  ExchangeStats take_exchange_stats();
 
   const Layer& layer() const { return layer_; }
   const ExpertParallel& layout() const { return *layout_; }
