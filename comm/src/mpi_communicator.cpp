@@ -234,6 +234,13 @@ void MpiCommunicator::alltoallv_blocks(const void* send, const RowBlock* sends, 
   detail::check_row_blocks(fn, "recvs", recvs, num_recvs, size_);
   KMOE_CHECK_USAGE(row_elems >= 0, fn, ": row_elems = ", row_elems, " is negative");
   if (row_elems == 0) return;  // the width is the same on every rank: nobody sends anything
+  // Counts are rows of a row datatype, in int: check every block before anything is posted.
+  for (std::size_t i = 0; i < num_sends; ++i)
+    KMOE_CHECK_USAGE(sends[i].rows <= INT_MAX, fn, ": sends[", i, "].rows = ", sends[i].rows,
+                     " does not fit MPI's int counts (split the block)");
+  for (std::size_t j = 0; j < num_recvs; ++j)
+    KMOE_CHECK_USAGE(recvs[j].rows <= INT_MAX, fn, ": recvs[", j, "].rows = ", recvs[j].rows,
+                     " does not fit MPI's int counts (split the block)");
   if (!staged()) return alltoallv_blocks_on(send, sends, num_sends, recv, recvs, num_recvs, row_elems, type);
 #if KMOE_MPI_DEVICE_BUFFERS
   const std::size_t row_bytes = static_cast<std::size_t>(row_elems) * size_of(type);
