@@ -157,6 +157,13 @@ void MpiCommunicator::set_host_staging(bool staged) {
   force_staging_ = staged;
 }
 
+void MpiCommunicator::wait_for_device() const {
+#if KMOE_MPI_DEVICE_BUFFERS
+  // Kernels on any stream may still be writing the buffers MPI is about to read.
+  if (memory_ == BufferMemory::device) KMOE_CUDA_CHECK(cudaDeviceSynchronize());
+#endif
+}
+
 void* MpiCommunicator::staging(int which, std::size_t bytes) {
 #if KMOE_MPI_DEVICE_BUFFERS
   if (bytes > stage_bytes_[which]) {
@@ -188,6 +195,7 @@ void MpiCommunicator::alltoallv(const void* send, const std::int64_t* send_count
                                 std::int64_t row_elems, DataType type) {
   if (row_elems == 0) return;  // the width is the same on every rank: nobody sends anything
   KMOE_CHECK_USAGE(row_elems > 0, "kmoe::comm::MpiCommunicator::alltoallv: row_elems = ", row_elems, " is negative");
+  wait_for_device();
   if (!staged()) return alltoallv_on(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, row_elems, type);
 #if KMOE_MPI_DEVICE_BUFFERS
   // Stage the covered rows; on the host, row r of a buffer sits at stage row r - first.
@@ -198,7 +206,6 @@ void MpiCommunicator::alltoallv(const void* send, const std::int64_t* send_count
   const auto sr = detail::covered_rows(sb.data(), sb.size()), rr = detail::covered_rows(rb.data(), rb.size());
   const std::int64_t s0 = sr.empty() ? 0 : sr.front().first, s1 = sr.empty() ? 0 : sr.back().second;
   const std::int64_t r0 = rr.empty() ? 0 : rr.front().first, r1 = rr.empty() ? 0 : rr.back().second;
-  KMOE_CUDA_CHECK(cudaDeviceSynchronize());
   auto* hs = static_cast<char*>(staging(0, static_cast<std::size_t>(s1 - s0) * row_bytes));
   auto* hr = static_cast<char*>(staging(1, static_cast<std::size_t>(r1 - r0) * row_bytes));
   detail::copy_rows(hs, static_cast<const char*>(send), sr, s0, row_bytes, true);
@@ -234,13 +241,20 @@ void MpiCommunicator::alltoallv_blocks(const void* send, const RowBlock* sends, 
   detail::check_row_blocks(fn, "recvs", recvs, num_recvs, size_);
   KMOE_CHECK_USAGE(row_elems >= 0, fn, ": row_elems = ", row_elems, " is negative");
   if (row_elems == 0) return;  // the width is the same on every rank: nobody sends anything
+  // Counts are rows of a row datatype, in int: check every block before anything is posted.
+  for (std::size_t i = 0; i < num_sends; ++i)
+    KMOE_CHECK_USAGE(sends[i].rows <= INT_MAX, fn, ": sends[", i, "].rows = ", sends[i].rows,
+                     " does not fit MPI's int counts (split the block)");
+  for (std::size_t j = 0; j < num_recvs; ++j)
+    KMOE_CHECK_USAGE(recvs[j].rows <= INT_MAX, fn, ": recvs[", j, "].rows = ", recvs[j].rows,
+                     " does not fit MPI's int counts (split the block)");
+  wait_for_device();
   if (!staged()) return alltoallv_blocks_on(send, sends, num_sends, recv, recvs, num_recvs, row_elems, type);
 #if KMOE_MPI_DEVICE_BUFFERS
   const std::size_t row_bytes = static_cast<std::size_t>(row_elems) * size_of(type);
   const auto sr = detail::covered_rows(sends, num_sends), rr = detail::covered_rows(recvs, num_recvs);
   const std::int64_t s0 = sr.empty() ? 0 : sr.front().first, s1 = sr.empty() ? 0 : sr.back().second;
   const std::int64_t r0 = rr.empty() ? 0 : rr.front().first, r1 = rr.empty() ? 0 : rr.back().second;
-  KMOE_CUDA_CHECK(cudaDeviceSynchronize());
   auto* hs = static_cast<char*>(staging(0, static_cast<std::size_t>(s1 - s0) * row_bytes));
   auto* hr = static_cast<char*>(staging(1, static_cast<std::size_t>(r1 - r0) * row_bytes));
   detail::copy_rows(hs, static_cast<const char*>(send), sr, s0, row_bytes, true);
@@ -303,10 +317,10 @@ void MpiCommunicator::allreduce_sum(void* data, std::int64_t count, DataType typ
   KMOE_CHECK_USAGE(type != DataType::bf16,
                    "kmoe::comm::MpiCommunicator::allreduce_sum: MPI cannot sum bf16; reduce gradients in f32 or f64");
   if (count <= 0) return;
+  wait_for_device();
   if (!staged()) return allreduce_sum_on(data, count, type);
 #if KMOE_MPI_DEVICE_BUFFERS
   const std::size_t bytes = static_cast<std::size_t>(count) * size_of(type);
-  KMOE_CUDA_CHECK(cudaDeviceSynchronize());
   void* host = staging(0, bytes);
   KMOE_CUDA_CHECK(cudaMemcpy(host, data, bytes, cudaMemcpyDeviceToHost));
   allreduce_sum_on(host, count, type);
@@ -330,13 +344,13 @@ void MpiCommunicator::allreduce_sum_host(double* data, std::int64_t count) {
 
 void MpiCommunicator::broadcast(void* data, std::int64_t bytes, int root) {
   const int n = detail::to_int(bytes, "broadcast bytes");
+  wait_for_device();
   if (!staged()) {
     KMOE_MPI_CHECK(MPI_Bcast(data, n, MPI_BYTE, root, comm_));
     return;
   }
 #if KMOE_MPI_DEVICE_BUFFERS
   if (n == 0) return;
-  KMOE_CUDA_CHECK(cudaDeviceSynchronize());
   void* host = staging(0, static_cast<std::size_t>(n));
   if (rank_ == root) KMOE_CUDA_CHECK(cudaMemcpy(host, data, static_cast<std::size_t>(n), cudaMemcpyDeviceToHost));
   KMOE_MPI_CHECK(MPI_Bcast(host, n, MPI_BYTE, root, comm_));

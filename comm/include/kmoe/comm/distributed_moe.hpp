@@ -196,7 +196,8 @@ DistributedMoe<T, ExecSpace>::DistributedMoe(const ExpertParallel& layout, moe::
                    " keeps its data on the host: run the layer on a device execution space");
   KMOE_CHECK_USAGE(device_comm || host_data, "kmoe::comm::DistributedMoe: the ", layout.ep_group().backend(),
                    " communicator moves host memory, but ", ExecSpace::name(),
-                   " keeps its data on the device: use a host execution space (e.g. --backend openmp) or NCCL");
+                   " keeps its data on the device: use a host execution space (e.g. --backend openmp), NCCL, or an "
+                   "MpiCommunicator made with BufferMemory::device");
   const auto mine = layout.local_experts();
   const auto& w = layer_.weights();
   KMOE_CHECK_INPUT(w.num_experts() == layout.placement().num_experts(), "kmoe::comm::DistributedMoe: the router has ",

@@ -106,6 +106,8 @@ class MpiCommunicator final : public Communicator {
   void alltoallv_blocks_on(const void* send, const RowBlock* sends, std::size_t num_sends, void* recv,
                            const RowBlock* recvs, std::size_t num_recvs, std::int64_t row_elems, DataType type);
   void allreduce_sum_on(void* data, std::int64_t count, DataType type);
+  // BufferMemory::device: waits for all work queued on the device (cudaDeviceSynchronize). Host: nothing.
+  void wait_for_device() const;
   // The pinned staging buffer `which` (0: send/in-place, 1: receive), at least `bytes` long.
   void* staging(int which, std::size_t bytes);
 
