@@ -134,6 +134,16 @@ void copy_into(const moe::MoeWeights<T, Space>& dst, const io::MoeLayerWeights<T
 
 // ---- the layer-wise objective -----------------------------------------------------------------------------------
 
+/// dst = v in dst's type (bf16: rounded to nearest even).
+template <class T, class A>
+KOKKOS_INLINE_FUNCTION void store_as(T& dst, A v) {
+  dst = static_cast<T>(v);
+}
+template <class A>
+KOKKOS_INLINE_FUNCTION void store_as(bf16& dst, A v) {
+  dst = bf16::from_float(static_cast<float>(v));
+}
+
 // loss += scale * sum((y - target)^2); dy = 2 * scale * (y - target). Returns this rank's loss share.
 template <class T, class Space>
 double mse_and_gradient(const typename moe::MoeViews<T, Space>::matrix& y,
@@ -151,8 +161,7 @@ double mse_and_gradient(const typename moe::MoeViews<T, Space>::matrix& y,
       "kmoe::finetune::mse", Kokkos::RangePolicy<Space>(0, n),
       KOKKOS_LAMBDA(const std::size_t i, double& acc) {
         const A d = static_cast<A>(yp[i]) - static_cast<A>(tp[i]);
-        if constexpr (std::is_same<T, bf16>::value) dp[i] = bf16::from_float(two_scale * d);
-        else dp[i] = two_scale * d;
+        store_as(dp[i], two_scale * d);
         acc += static_cast<double>(d) * static_cast<double>(d);
       },
       sum);
@@ -165,11 +174,9 @@ void convert_into(const D& dst, const S& src) {
   const std::size_t n = src.span();
   auto* d = dst.data();
   const auto* sp = src.data();
-  using DT = typename D::non_const_value_type;
   Kokkos::parallel_for(
       "kmoe::finetune::convert", Kokkos::RangePolicy<Space>(0, n), KOKKOS_LAMBDA(const std::size_t i) {
-        if constexpr (std::is_same<DT, bf16>::value) d[i] = bf16::from_float(static_cast<float>(sp[i]));
-        else d[i] = static_cast<DT>(static_cast<float>(sp[i]));
+        store_as(d[i], sp[i]);
       });
   Space().fence();
 }

@@ -114,6 +114,12 @@ class CudaBlock {
                        "and a Hopper (sm_90) device");
   }
 
+  ~CudaBlock() {
+    if (counts_ready_) cudaEventDestroy(counts_ready_);
+  }
+  CudaBlock(const CudaBlock&) = delete;
+  CudaBlock& operator=(const CudaBlock&) = delete;
+
   const CudaBlockOptions& options() const { return opt_; }
   std::int64_t tokens() const { return tokens_; }
   const kc::DispatchPlan& plan() const { return plan_; }
@@ -151,6 +157,7 @@ class CudaBlock {
 
   DeviceBytes work_, local_work_;
   Kokkos::View<std::int64_t*, Kokkos::CudaHostPinnedSpace> pinned_;  // counts down, local offsets up
+  cudaEvent_t counts_ready_ = nullptr;                                // the counts' copy has landed
   // The last forward.
   std::int64_t tokens_ = 0, rows_ = 0;  // rows_: rows the expert MLP ran on
   bool exchanged_ = false, indexed_ = false;
@@ -220,9 +227,9 @@ void CudaBlock::plan_exchange(ExpertExchange& ex, const Kokkos::Cuda& space) {
   const std::int64_t E = experts_, T = tokens_;
   counts_.assign(E, 0);
   if (T > 0) {
-    // The one wait of the expert-parallel forward: E counts to the host (issued right after the plan, so the
-    // gather and the shared expert enqueued since run while it lands).
-    space.fence();
+    // The one wait of the expert-parallel forward: the E counts copied right after the plan (the gather and the
+    // shared expert enqueued since keep the GPU busy meanwhile).
+    KMOE_CUDA_CHECK(cudaEventSynchronize(counts_ready_));
     std::copy(pinned_.data(), pinned_.data() + E, counts_.begin());
   }
   all_counts_.assign(std::size_t(peers) * E, 0);
@@ -345,6 +352,8 @@ void CudaBlock::forward(const kc::bf16_t* x, const MoeWeights<bf16, Kokkos::Cuda
     if (T > 0) {
       KMOE_CUDA_CHECK(cudaMemcpyAsync(pinned_.data(), plan_.counts, sizeof(std::int64_t) * experts_,
                                       cudaMemcpyDeviceToHost, stream));
+      if (!counts_ready_) KMOE_CUDA_CHECK(cudaEventCreateWithFlags(&counts_ready_, cudaEventDisableTiming));
+      KMOE_CUDA_CHECK(cudaEventRecord(counts_ready_, stream));
       kc::gather_rows(x, H, plan_.sorted_pair, k_, nullptr, gathered_, P, stream);  // the send buffer
     }
     // The shared expert writes y now, overlapping the count copy; the combine adds the routed experts later.

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Device half of the one-block run (one call per stage list): the bf16 block composed in moe/, on one GPU and under
+# expert parallelism. Here: perf/device/pack_mpi.sh (with KMOE_TARGETS covering the binaries below) and, for the
+# before/after comparison, a moe_peer_bench built from the previous commit copied to .carry/before/.
+#   there:  bash perf/device/run_ep.sh [tests,ep,perf,bench,block,finetune]
+# Output: logs and JSON lines under $OUT; a summary last.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+stages=${1:-tests,ep,perf,bench,block,finetune}
+OUT=${OUT:-/tmp/kmoe-out}
+mkdir -p "$OUT"
+source perf/device/mpi_env.sh > "$OUT/mpi_env.log" 2>&1
+# The binaries carry the absolute paths they were built with (testdata under /work/shared, ctest files /work/main).
+mkdir -p /work
+[ -e /work/main ] || ln -s "$PWD" /work/main
+[ -e /work/shared ] || ln -s "$PWD/.carry/shared" /work/shared
+B=$KMOE_MPI_BUILD/bin
+has() { [[ ",$stages," == *",$1,"* ]]; }
+echo "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
+cat .carry/BUILD_INFO 2>/dev/null | head -n 3
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+
+if has tests; then
+  for t in test_cuda_smoke test_cuda_routing test_cuda_moe test_cuda_moe_layer test_cuda_cutlass; do
+    timeout 300 "$B/tests/$t" --gtest_brief=1 > "$OUT/$t.log" 2>&1
+    note "$t: rc $? ($(grep -E '^\[  (PASSED|FAILED)' "$OUT/$t.log" | tr '\n' ' '))"
+  done
+  for np in 1 2; do
+    timeout 120 $MPIRUN -np $np "$B/tests/test_comm_nccl_np1" --gtest_brief=1 > "$OUT/nccl_np$np.log" 2>&1
+    note "test_comm_nccl np$np: rc $?"
+    [ $np = 1 ] && break
+  done
+  for np in 2 3; do
+    timeout 120 $MPIRUN -np $np "$B/tests/test_comm_mpi_device_np2" --gtest_brief=1 > "$OUT/mpi_device_np$np.log" 2>&1
+    note "test_comm_mpi_device np$np: rc $?"
+  done
+fi
+
+if has ep; then
+  for np in 1 2 3 4; do
+    timeout 300 $MPIRUN -np $np "$B/tests/test_comm_distributed_moe_cuda_np1" --gtest_brief=1 > "$OUT/ep_np$np.log" 2>&1
+    note "test_comm_distributed_moe_cuda np$np: rc $? ($(grep -c 'Failure' "$OUT/ep_np$np.log") failure lines)"
+  done
+fi
+
+if has perf; then
+  # The bf16 block before (the previous commit's binary) and after, interleaved, same shapes, bf16 weight gradients.
+  args="--shapes mixtral-T8192,mixtral-T2048,finegrained-T8192 --paths scatter --grads bf16 --warmup 5 --reps 20"
+  for rep in 1 2; do
+    .carry/before/moe_peer_bench $args > "$OUT/before$rep.jsonl" 2> "$OUT/before$rep.log"
+    "$B/moe_peer_bench" $args > "$OUT/after$rep.jsonl" 2> "$OUT/after$rep.log"
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys, statistics, os
+out = sys.argv[1]
+rows = {}
+for tag in ("before", "after"):
+    for rep in (1, 2):
+        for line in open(os.path.join(out, f"{tag}{rep}.jsonl")):
+            r = json.loads(line)
+            key = (r["shape"], r["T"])
+            rows.setdefault(key, {}).setdefault(tag, []).append(r.get("ms_median"))
+print("shape          T     before ms (2 runs)    after ms (2 runs)     after/before")
+for (shape, T), d in sorted(rows.items()):
+    b, a = d.get("before", []), d.get("after", [])
+    ratio = statistics.median(a) / statistics.median(b) if a and b and None not in a + b else float("nan")
+    print(f"{shape:12s} {T:6d}  {' '.join(f'{x:8.3f}' for x in b):20s} {' '.join(f'{x:8.3f}' for x in a):20s}  {ratio:.4f}")
+PY
+fi
+
+if has bench; then
+  timeout 240 $MPIRUN -np 1 "$B/bench_ep_bf16" --shapes mixtral,finegrained --tokens 8192 > "$OUT/ep_bench_np1.txt" 2>&1
+  note "bench_ep_bf16 np1: rc $?"
+  cat "$OUT/ep_bench_np1.txt"
+  timeout 240 $MPIRUN -np 2 "$B/bench_ep_bf16" --shapes finegrained --tokens 2048 --comm mpi --reps 5 > "$OUT/ep_bench_np2.txt" 2>&1
+  note "bench_ep_bf16 np2 (one GPU, MPI device): rc $?"
+  cat "$OUT/ep_bench_np2.txt"
+fi
+
+if has block; then
+  ck=.carry/shared/testdata/mixtral-tiny
+  in=$ck/mixtral-tiny-ref.safetensors
+  for impl in scatter padded; do
+    mpi1 "$B/kmoe" block --checkpoint $ck/hf_save_pretrained --layer 1 --inputs $in --out "$OUT/b1_$impl.st" \
+      --backend cuda --precision bf16 --impl $impl > "$OUT/block1_$impl.log" 2>&1
+    note "kmoe block np1 $impl: rc $?"
+    $MPIRUN -np 2 "$B/kmoe" block --checkpoint $ck/hf_save_pretrained --layer 1 --inputs $in --out "$OUT/b2_$impl.st" \
+      --backend cuda --precision bf16 --impl $impl --ep 2 --comm mpi > "$OUT/block2_$impl.log" 2>&1
+    note "kmoe block np2 --ep 2 $impl: rc $?"
+  done
+  python3 - "$OUT" "$in" <<'PY'
+import sys, os
+from safetensors.numpy import load_file
+out, ref_path = sys.argv[1], sys.argv[2]
+ref = load_file(ref_path)
+import numpy as np
+def rel(a, b): return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+for impl in ("scatter", "padded"):
+    try:
+        one, two = load_file(f"{out}/b1_{impl}.st"), load_file(f"{out}/b2_{impl}.st")
+    except Exception as e:
+        print(impl, "missing output:", e); continue
+    p = "layers.1."
+    line = [impl]
+    for n in ("y", "dx", "grad.gate", "grad.w1", "grad.w3", "grad.w2"):
+        want = ref[p + n + "_f64"] if p + n + "_f64" in ref else ref[p + n]
+        line.append(f"{n}: np1 vs ref {rel(one[p+n], want):.2e} np2 vs np1 {rel(two[p+n], one[p+n]):.2e}")
+    line.append("topk np2==np1 " + str(bool((two[p + "topk_idx"] == one[p + "topk_idx"]).all())))
+    print(" | ".join(line))
+PY
+  for f in "$OUT"/*.st; do rm -f "$f"; done
+fi
+
+if has finetune; then
+  rm -rf /tmp/ft1 /tmp/ft2
+  ck=tests/data/granitemoe-tiny
+  mpi1 "$B/kmoe" finetune --checkpoint $ck --steps 10 --out /tmp/ft1 --backend cuda --tokens 512 --no-convert > "$OUT/ft_np1.log" 2>&1
+  note "finetune np1 cuda bf16: rc $?"
+  $MPIRUN -np 2 "$B/kmoe" finetune --checkpoint $ck --steps 10 --out /tmp/ft2 --backend cuda --tokens 512 --comm mpi \
+    --no-convert > "$OUT/ft_np2.log" 2>&1
+  note "finetune np2 cuda bf16 (MPI device, one GPU): rc $?"
+  paste <(grep '^step' "$OUT/ft_np1.log" | awk '{print $2, $4, $8}') <(grep '^step' "$OUT/ft_np2.log" | awk '{print $4, $8}') |
+    awk 'BEGIN{print "step      loss np1         loss np2      rel diff   ms np1  ms np2"} {d=($2-$4)/$2; if(d<0)d=-d; printf "%-6s %.9e %.9e %.2e %7.2f %7.2f\n", $1, $2, $4, d, $3, $5}'
+fi
+
+echo "==== summary"
+printf '%s\n' "${summary[@]}"
