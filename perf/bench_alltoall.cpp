@@ -408,8 +408,9 @@ int main(int argc, char** argv) {
                                              MPI_INFO_NULL, &node));
           const comm::MpiCommunicator node_comm(node, true);
           int devices = 0;
-          KMOE_CUDA_CHECK(cudaGetDeviceCount(&devices));
-          KMOE_CHECK_USAGE(devices > 0, "bench_alltoall: --backend ", o.backend, ": no CUDA device");
+          const cudaError_t rc = cudaGetDeviceCount(&devices);
+          KMOE_CHECK_USAGE(rc == cudaSuccess && devices > 0, "bench_alltoall: --backend ", o.backend,
+                           ": no CUDA device (", cudaGetErrorString(rc), ")");
           KMOE_CUDA_CHECK(cudaSetDevice(node_comm.rank() % devices));
           auto mpi = comm::MpiCommunicator::world(comm::BufferMemory::device);
           if (o.backend == "mpi-staged") mpi->set_host_staging(true);

@@ -13,6 +13,7 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <cstdio>
 #include <numeric>
 #include <string>
 #include <vector>

@@ -113,7 +113,9 @@ class Communicator {
   /// \param sends     [in]  num_sends blocks of `send`, host memory; several per peer allowed, in the order they match
   /// \param recv      [out] rows of `row_elems` elements of `type`, in backend memory
   /// \param recvs     [in]  num_recvs blocks of `recv`, host memory; must not overlap each other
+  /// \param num_sends, num_recvs [in] lengths of the two lists (0 allowed)
   /// \param row_elems [in]  elements per row (>= 0; the same on every rank; 0 moves nothing)
+  /// \param type      [in]  element type (moved as bits)
   virtual void alltoallv_blocks(const void* send, const RowBlock* sends, std::size_t num_sends, void* recv,
                                 const RowBlock* recvs, std::size_t num_recvs, std::int64_t row_elems,
                                 DataType type) = 0;
