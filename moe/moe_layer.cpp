@@ -10,13 +10,20 @@ CudaBlockOptions cuda_block_options(const MoeOptions& options) {
                    "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>: block = ", options.block, " does not divide ",
                    kCudaPaddedTileRows, " (the CUDA padded path pads each expert to a multiple of ", kCudaPaddedTileRows,
                    " rows)");
+  KMOE_CHECK_USAGE(options.cublas_streams >= 1 && options.cublas_streams <= 8,
+                   "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>: cublas_streams = ", options.cublas_streams,
+                   " outside [1, 8]");
   CudaBlockOptions out;
   out.padded = options.impl == ExpertImpl::Padded;
   switch (options.gemm) {
     case core::GemmAlgo::Auto: out.engine = CudaEngine::Auto; break;
     case core::GemmAlgo::Blas: out.engine = CudaEngine::Cublas; break;
     case core::GemmAlgo::Kokkos: out.engine = CudaEngine::Kernel; break;
+    case core::GemmAlgo::Cutlass: out.engine = CudaEngine::Cutlass; break;
   }
+  out.fuse_swiglu = options.fuse_swiglu;
+  out.cublas_streams = options.cublas_streams;
+  out.cublas_grouped = options.cublas_grouped;
   return out;
 }
 }  // namespace detail

@@ -2,6 +2,7 @@
 
 #include <cfenv>
 #include <cstdio>
+#include <vector>
 
 namespace kmoe::comm {
 namespace detail {
@@ -38,7 +39,8 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> bootstrap, c
   // The bootstrap: rank 0 makes the id, MPI hands it to the others, then every rank joins.
   ncclUniqueId id;
   if (bootstrap_->rank() == 0) KMOE_NCCL_CHECK(ncclGetUniqueId(&id));
-  bootstrap_->broadcast(&id, sizeof id, 0);
+  // MPI directly: the id is host memory even when the bootstrap communicator takes device buffers.
+  KMOE_MPI_CHECK(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, bootstrap_->native()));
   // NCCL's topology/tuning model computes with inf/NaN on more than one rank (seen on 2 H200s: SIGFPE inside
   // ncclCommInitRank under the test main's FE_INVALID trap); hold FP traps for the call, as around cuBLAS.
   std::fenv_t env;
@@ -102,6 +104,58 @@ void NcclCommunicator::alltoallv(const void* send, const std::int64_t* send_coun
     if (recv_counts[p] > 0)
       KMOE_NCCL_CHECK(ncclRecv(r + recv_offsets[p] * row_bytes, static_cast<std::size_t>(recv_counts[p] * row_elems), t,
                                p, comm_, stream_));
+  }
+  KMOE_NCCL_CHECK(ncclGroupEnd());
+}
+
+void NcclCommunicator::alltoallv_blocks(const void* send, const RowBlock* sends, std::size_t num_sends, void* recv,
+                                        const RowBlock* recvs, std::size_t num_recvs, std::int64_t row_elems,
+                                        DataType type) {
+  constexpr const char* fn = "kmoe::comm::NcclCommunicator::alltoallv_blocks";
+  detail::check_row_blocks(fn, "sends", sends, num_sends, size());
+  detail::check_row_blocks(fn, "recvs", recvs, num_recvs, size());
+  KMOE_CHECK_USAGE(row_elems >= 0, fn, ": row_elems = ", row_elems, " is negative");
+  if (row_elems == 0) return;
+  const int me = rank();
+  const std::size_t row_bytes = static_cast<std::size_t>(row_elems) * size_of(type);
+  const ncclDataType_t t = detail::nccl_type(type);
+  const auto* s = static_cast<const char*>(send);
+  auto* r = static_cast<char*>(recv);
+
+  // Self blocks: the n-th non-empty one sent to this rank fills the n-th non-empty one received from it. Checked
+  // before anything is enqueued.
+  std::vector<std::size_t> self_sends, self_recvs;
+  for (std::size_t i = 0; i < num_sends; ++i)
+    if (sends[i].peer == me && sends[i].rows > 0) self_sends.push_back(i);
+  for (std::size_t j = 0; j < num_recvs; ++j)
+    if (recvs[j].peer == me && recvs[j].rows > 0) self_recvs.push_back(j);
+  KMOE_CHECK_USAGE(self_sends.size() == self_recvs.size(), fn, ": rank ", me, " sends itself ", self_sends.size(),
+                   " non-empty blocks but receives ", self_recvs.size(), " from itself");
+  for (std::size_t n = 0; n < self_sends.size(); ++n)
+    KMOE_CHECK_USAGE(sends[self_sends[n]].rows == recvs[self_recvs[n]].rows, fn, ": self block ", n, " sends ",
+                     sends[self_sends[n]].rows, " rows (sends[", self_sends[n], "]) into ", recvs[self_recvs[n]].rows,
+                     " rows (recvs[", self_recvs[n], "])");
+  for (std::size_t n = 0; n < self_sends.size(); ++n) {
+    const RowBlock &a = sends[self_sends[n]], &b = recvs[self_recvs[n]];
+    KMOE_CUDA_CHECK(cudaMemcpyAsync(r + static_cast<std::size_t>(b.offset) * row_bytes,
+                                    s + static_cast<std::size_t>(a.offset) * row_bytes,
+                                    static_cast<std::size_t>(a.rows) * row_bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  // One group: NCCL schedules every pair's sends and receives together (several per pair are matched in issue order),
+  // so no ordering of the blocks can deadlock.
+  KMOE_NCCL_CHECK(ncclGroupStart());
+  for (std::size_t j = 0; j < num_recvs; ++j) {
+    const RowBlock& b = recvs[j];
+    if (b.rows == 0 || b.peer == me) continue;
+    KMOE_NCCL_CHECK(ncclRecv(r + static_cast<std::size_t>(b.offset) * row_bytes,
+                             static_cast<std::size_t>(b.rows * row_elems), t, b.peer, comm_, stream_));
+  }
+  for (std::size_t i = 0; i < num_sends; ++i) {
+    const RowBlock& b = sends[i];
+    if (b.rows == 0 || b.peer == me) continue;
+    KMOE_NCCL_CHECK(ncclSend(s + static_cast<std::size_t>(b.offset) * row_bytes,
+                             static_cast<std::size_t>(b.rows * row_elems), t, b.peer, comm_, stream_));
   }
   KMOE_NCCL_CHECK(ncclGroupEnd());
 }

@@ -93,6 +93,14 @@ void Args::expect_positionals(std::size_t min, std::size_t max, const char* what
                    positionals_.size(), " positional argument(s)");
 }
 
+core::GemmAlgo parse_engine(const std::string& name) {
+  if (name == "auto") return core::GemmAlgo::Auto;
+  if (name == "blas") return core::GemmAlgo::Blas;
+  if (name == "kokkos") return core::GemmAlgo::Kokkos;
+  if (name == "cutlass") return core::GemmAlgo::Cutlass;
+  throw UsageError("--engine '" + name + "' is not one of auto, blas, kokkos, cutlass");
+}
+
 Runtime::Runtime(int& argc, char**& argv) {
 #if KMOE_ENABLE_MPI
   int initialized = 0;

@@ -1,7 +1,12 @@
 // The kmoe command: shared pieces of the subcommands (argument parsing, the runtime guard, the subcommand table).
 #pragma once
 
+#include <kmoe/config.hpp>
 #include <kmoe/core/error.hpp>
+#include <kmoe/core/kernel_common.hpp>
+#if KMOE_ENABLE_MPI
+#include <kmoe/comm/communicator.hpp>
+#endif
 
 #include <map>
 #include <memory>
@@ -57,6 +62,19 @@ class Runtime {
   bool own_mpi_ = false;
   int rank_ = 0, size_ = 1;
 };
+
+/// "auto" | "blas" | "kokkos" | "cutlass" -> the GEMM engine (--engine of block and finetune).
+core::GemmAlgo parse_engine(const std::string& name);
+
+#if KMOE_ENABLE_MPI && KMOE_ENABLE_CUDA
+/// The world as a communicator that moves device memory, for the bf16 CUDA block under expert parallelism (collective
+/// over MPI_COMM_WORLD; after Runtime). `choice`:
+///   "nccl" NCCL on Kokkos' device and stream (one GPU per rank: NCCL refuses two ranks on one device);
+///   "mpi"  MPI over device buffers (CUDA-aware, or staged through the host): any number of ranks per GPU;
+///   "auto" NCCL when built with it and no two ranks of a node share a GPU, else MPI.
+/// UsageError naming the choice when it is not built in.
+std::unique_ptr<comm::Communicator> device_world(const std::string& choice);
+#endif
 
 /// A subcommand: its name, a one-line summary, its --help text and its body.
 /// The body receives the arguments after the subcommand name (never --help/--version) and returns the exit code.

@@ -7,9 +7,6 @@
 #include <kmoe/moe/checkpoint.hpp>
 #include <kmoe/moe/moe_layer.hpp>
 #include <kmoe/core/bf16.hpp>
-#if KMOE_ENABLE_CUDA
-#include <kmoe/core/cuda/kernels.hpp>
-#endif
 #if KMOE_ENABLE_MPI
 #include <kmoe/comm/distributed_moe.hpp>
 #include <kmoe/comm/gather.hpp>
@@ -27,7 +24,7 @@ namespace {
 
 const char* const kHelp =
     "usage: kmoe block --checkpoint DIR --layer I --inputs FILE --out FILE [--precision f64|f32|bf16]\n"
-    "                  [--impl scatter|padded] [--backend serial|openmp|cuda] [--ep M]\n\n"
+    "                  [--impl scatter|padded] [--backend serial|openmp|cuda] [--engine E] [--ep M] [--comm C]\n\n"
     "Runs MoE layer I of the checkpoint forward and backward of L = sum(y * dy) on the float64 tensors\n"
     "layers.I.x and layers.I.dy ([..., hidden]) of the safetensors FILE, and writes (float64, int64 topk_idx)\n"
     "layers.I.{router_logits, topk_idx, topk_weight, y, dx, grad.gate, grad.w1, grad.w3, grad.w2} and, for a model\n"
@@ -35,12 +32,16 @@ const char* const kHelp =
     "  --precision f64|f32      compute type (default f64; f64 computes the softmax in float64)\n"
     "  --impl scatter|padded    ScatterMoE-style or MegaBlocks-style expert path (default scatter)\n"
     "  --backend serial|openmp  Kokkos execution space (default: Kokkos' default)\n"
-    "  --backend cuda           kmoe's CUDA kernels (builds with KMOE_ENABLE_CUDA); needs --precision bf16\n"
+    "  --backend cuda           Kokkos::Cuda (builds with KMOE_ENABLE_CUDA): --precision bf16 runs kmoe's CUDA block\n"
     "                           (MoeLayer<bf16, Kokkos::Cuda>: bf16 storage, fp32 accumulation and gradients;\n"
-    "                           --block must divide 128)\n"
+    "                           --block must divide 128), f32/f64 the portable layer on the GPU\n"
+    "  --engine auto|blas|kokkos|cutlass  the expert GEMMs' engine (default auto: measured per shape; blas = the\n"
+    "                           vendor BLAS, kokkos = kmoe's own kernel, cutlass = the bf16 CUDA block only)\n"
     "  --ep M                   expert parallelism under mpirun -np N: the tokens are split over the N ranks, the\n"
     "                           experts over groups of M ranks (M divides N and is at most the experts; default N);\n"
     "                           rank 0 writes the same outputs as one process\n"
+    "  --comm auto|nccl|mpi     --backend cuda with --ep: NCCL (one GPU per rank) or MPI over device buffers (ranks\n"
+    "                           may share a GPU); auto = NCCL when built and no two ranks share a GPU\n"
     "exit codes: 0 ok, 1 bad input (checkpoint, inputs, shapes, layer out of range), 2 bad usage\n";
 
 struct BlockJob {
@@ -114,7 +115,6 @@ std::vector<io::TensorToWrite> block_outputs(const BlockJob& job, const LogitsVi
 /// and returns the single-process outputs; the other ranks return nothing.
 template <class T, class Space>
 std::vector<io::TensorToWrite> run_block_ep(const BlockJob& job) {
-  using views = moe::MoeViews<T, Space>;
   const comm::ExpertParallel& layout = *job.layout;
   comm::Communicator& world = layout.world();
   moe::MoeOptions options = job.options;
@@ -135,12 +135,14 @@ std::vector<io::TensorToWrite> run_block_ep(const BlockJob& job) {
   const auto y_all = comm::gather_rows(world, y);
   const auto dx_all = comm::gather_rows(world, back.dx);
   // Expert gradients: replica 0's ep group holds every expert once (world rank 0 is its ep rank 0).
-  moe::MoeWeights<T, Space> grads = back.grads;
+  auto grads = back.grads;  // gradient type: T, or fp32 for the bf16 CUDA block
   if (layout.replica() == 0) {
-    auto gather_experts = [&](const typename views::tensor3& g) {
-      using Flat = Kokkos::View<T**, Kokkos::LayoutRight, typename views::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+    auto gather_experts = [&](const auto& g) {
+      using V = std::decay_t<decltype(g)>;
+      using Flat = Kokkos::View<typename V::non_const_value_type**, Kokkos::LayoutRight, typename V::memory_space,
+                                Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
       const auto all = comm::gather_rows(layout.ep_group(), Flat(g.data(), g.extent(0), g.extent(1) * g.extent(2)));
-      typename views::tensor3 out(std::string(g.label()), all.extent(0), g.extent(1), g.extent(2));
+      V out(std::string(g.label()), all.extent(0), g.extent(1), g.extent(2));
       Kokkos::deep_copy(Flat(out.data(), all.extent(0), all.extent(1)), all);
       return out;
     };
@@ -156,10 +158,7 @@ std::vector<io::TensorToWrite> run_block_ep(const BlockJob& job) {
 template <class T, class Space>
 std::vector<io::TensorToWrite> run_block(const BlockJob& job) {
 #if KMOE_ENABLE_MPI
-  // Expert parallelism runs on the portable layers' stages (the bf16 CUDA layer has none yet: a usage error earlier).
-  if constexpr (moe::MoeLayer<T, Space>::backend == moe::LayerBackend::Portable) {
-    if (job.layout) return run_block_ep<T, Space>(job);
-  }
+  if (job.layout) return run_block_ep<T, Space>(job);  // expert parallelism, every layer and space
 #endif
   auto layer = moe::layer_from_checkpoint<T, Space>(job.checkpoint, job.layer, job.options);
   const std::int64_t tokens = job.x.extent(0);
@@ -191,7 +190,7 @@ std::vector<io::TensorToWrite> run_on_backend(const BlockJob& job, const std::st
 
 int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   Args args("kmoe block", argv_rest,
-            {"checkpoint", "layer", "inputs", "out", "precision", "impl", "backend", "block", "ep"});
+            {"checkpoint", "layer", "inputs", "out", "precision", "impl", "backend", "block", "ep", "engine", "comm"});
   args.expect_positionals(0, 0, "no positional arguments");
   moe::MoeOptions options;
   const std::string ckpt_dir = args.required("checkpoint");
@@ -203,8 +202,9 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   const std::string precision = args.get_choice("precision", "f64", {"f64", "f32", "bf16"});
   options.impl = moe::parse_expert_impl(args.get_choice("impl", "scatter", {"scatter", "padded"}));
   const std::string backend = args.get_choice("backend", "default", {"default", "serial", "openmp", "cuda"});
-  KMOE_CHECK_USAGE((backend == "cuda") == (precision == "bf16"),
-                   "--backend cuda runs --precision bf16 only, and bf16 runs on --backend cuda only");
+  KMOE_CHECK_USAGE(precision != "bf16" || backend == "cuda", "--precision bf16 runs on --backend cuda only");
+  options.gemm = parse_engine(args.get_choice("engine", "auto", {"auto", "blas", "kokkos", "cutlass"}));
+  const std::string comm_choice = args.get_choice("comm", "auto", {"auto", "nccl", "mpi"});
 #if !KMOE_ENABLE_CUDA
   KMOE_CHECK_USAGE(backend != "cuda", "--backend cuda needs a kmoe built with KMOE_ENABLE_CUDA=ON");
 #endif
@@ -219,7 +219,13 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   // Under mpirun (or with --ep) every rank runs the body; a rank that fails ends the job with its message instead of
   // leaving the others waiting in a collective.
   const bool distributed = runtime.size() > 1 || args.has("ep");
-  std::unique_ptr<comm::MpiCommunicator> world = distributed ? comm::MpiCommunicator::world() : nullptr;
+  std::unique_ptr<comm::Communicator> world;
+  if (distributed) {
+#if KMOE_ENABLE_CUDA
+    if (backend == "cuda") world = device_world(comm_choice);  // the GPU layers exchange device buffers
+#endif
+    if (!world) world = comm::MpiCommunicator::world();
+  }
   std::optional<comm::ExpertParallel> layout;
 #else
   KMOE_CHECK_USAGE(!args.has("ep"), "--ep needs a kmoe built with MPI (KMOE_ENABLE_MPI=ON)");
@@ -265,10 +271,10 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
     std::vector<io::TensorToWrite> tensors;
 #if KMOE_ENABLE_CUDA
     if (backend == "cuda") {
-      KMOE_CHECK_USAGE(!distributed, "--backend cuda runs as one process (no --ep / mpirun yet)");
-      KMOE_CHECK_USAGE(core::cuda::device_count() > 0, "--backend cuda: no CUDA device on this machine");
-      // MoeLayer<bf16, Kokkos::Cuda>: the hand-written CUDA block (bf16 storage, fp32 accumulation and gradients).
-      tensors = run_block<bf16, Kokkos::Cuda>(job);
+      // bf16: MoeLayer<bf16, Kokkos::Cuda>, kmoe's CUDA block; f32/f64: the portable layer on the GPU.
+      if (precision == "bf16") tensors = run_block<bf16, Kokkos::Cuda>(job);
+      else if (precision == "f64") tensors = run_block<double, Kokkos::Cuda>(job);
+      else tensors = run_block<float, Kokkos::Cuda>(job);
     }
 #endif
     if (backend != "cuda")

@@ -43,7 +43,7 @@ const char* const kHelp =
     "    the same for any rank count;\n"
     "  - with --data FILE, recorded hidden states: safetensors with layers.{i}.x (inputs) and layers.{i}.y (targets)\n"
     "    of shape [..., hidden] for every MoE layer i; all tokens every step.\n"
-    "Prints the loss per step (and a progress bar on a terminal), saves sharded HDF5 checkpoints RUN_DIR/checkpoint-K\n"
+    "Prints the loss and the wall time per step (and a progress bar on a terminal), saves sharded HDF5 checkpoints RUN_DIR/checkpoint-K\n"
     "(every --save-every K steps and at the end; docs/checkpoint-format.md), and converts the last one into RUN_DIR/hf,\n"
     "a Hugging Face directory: non-MoE tensors byte-identical to HF_DIR, MoE tensors trained (rounded to the\n"
     "checkpoint's dtype). With --steps 0 the loaded weights are saved unchanged (RUN_DIR/hf reproduces HF_DIR).\n\n"
@@ -65,8 +65,14 @@ const char* const kHelp =
     "  --batches B             synthetic task: batches in the data set (default 1: the same batch every step)\n"
     "  --perturb X             synthetic task: relative perturbation of the teacher (default 0.1)\n"
     "  --seed S                synthetic task: seed of inputs and teacher (default 0)\n"
-    "  --precision f32|f64     training precision of the MoE weights and optimizer (default f32)\n"
     "  --backend serial|openmp|cuda  Kokkos execution space (default: Kokkos' default)\n"
+    "  --precision f32|f64|bf16  what the blocks compute in (default f32; bf16 on --backend cuda: the bf16 CUDA block\n"
+    "                          on a bf16 copy of fp32 master weights, fp32 gradients and AdamW state; f32/f64 there\n"
+    "                          run the portable layer); the master weights and AdamW state are f64 with f64, else f32\n"
+    "  --engine auto|blas|kokkos|cutlass  the expert GEMMs' engine (default auto: measured per shape; cutlass: the\n"
+    "                          bf16 CUDA block only)\n"
+    "  --comm auto|nccl|mpi    --backend cuda under mpirun: NCCL (one GPU per rank) or MPI over device buffers (ranks\n"
+    "                          may share a GPU); auto = NCCL when built and no two ranks share a GPU\n"
     "  --no-convert            skip the final conversion into RUN_DIR/hf\n"
     "exit codes: 0 done, 1 bad input (checkpoint, data, resumed state), 2 bad usage\n";
 
@@ -82,6 +88,7 @@ struct Settings {
   moe::AdamWOptions adamw;
   int ep = 0;
   bool resume = false, convert = true;
+  moe::MoeOptions options;  ///< the blocks' engine (top_k comes from the checkpoint)
 };
 
 std::string checkpoint_name(std::int64_t step) { return "checkpoint-" + std::to_string(step); }
@@ -132,30 +139,70 @@ template <class T, class Space>
 double mse_and_gradient(const typename moe::MoeViews<T, Space>::matrix& y,
                         const typename moe::MoeViews<T, Space>::matrix& target,
                         const typename moe::MoeViews<T, Space>::matrix& dy, double scale) {
+  // bf16 values are differenced in float (the bf16 type has no arithmetic); float/double in their own type.
+  using A = std::conditional_t<std::is_same<T, bf16>::value, float, T>;
   const std::size_t n = y.span();
   const T* yp = y.data();
   const T* tp = target.data();
   T* dp = dy.data();
-  const T two_scale = static_cast<T>(2 * scale);
+  const A two_scale = static_cast<A>(2 * scale);
   double sum = 0;
   Kokkos::parallel_reduce(
       "kmoe::finetune::mse", Kokkos::RangePolicy<Space>(0, n),
       KOKKOS_LAMBDA(const std::size_t i, double& acc) {
-        const T d = yp[i] - tp[i];
-        dp[i] = two_scale * d;
+        const A d = static_cast<A>(yp[i]) - static_cast<A>(tp[i]);
+        if constexpr (std::is_same<T, bf16>::value) dp[i] = bf16::from_float(two_scale * d);
+        else dp[i] = two_scale * d;
         acc += static_cast<double>(d) * static_cast<double>(d);
       },
       sum);
   return sum * scale;
 }
 
+/// dst = src converted element by element (float -> bf16 rounds to nearest even); same shapes. Blocks.
+template <class Space, class D, class S>
+void convert_into(const D& dst, const S& src) {
+  const std::size_t n = src.span();
+  auto* d = dst.data();
+  const auto* sp = src.data();
+  using DT = typename D::non_const_value_type;
+  Kokkos::parallel_for(
+      "kmoe::finetune::convert", Kokkos::RangePolicy<Space>(0, n), KOKKOS_LAMBDA(const std::size_t i) {
+        if constexpr (std::is_same<DT, bf16>::value) d[i] = bf16::from_float(static_cast<float>(sp[i]));
+        else d[i] = static_cast<DT>(static_cast<float>(sp[i]));
+      });
+  Space().fence();
+}
+
+/// A copy of `w` in value type C (the compute copy of fp32 master weights), or `w` itself when C is T.
+template <class C, class T, class Space>
+moe::MoeWeights<C, Space> compute_copy(const moe::MoeWeights<T, Space>& w) {
+  if constexpr (std::is_same<C, T>::value) {
+    return w;
+  } else {
+    moe::MoeWeights<C, Space> out;
+    moe::for_each_weight_pair(out, w, [](auto& dst, const auto& src, const char* name) {
+      using V = std::decay_t<decltype(dst)>;
+      dst = V(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("kmoe::compute::") + name), src.layout());
+      convert_into<Space>(dst, src);
+    });
+    out.first_expert = w.first_expert;
+    return out;
+  }
+}
+
 // ---- the trainer ------------------------------------------------------------------------------------------------
 
-template <class T, class Space>
+/// T: the master weights and AdamW state; C: the type the blocks compute in (T itself, or bf16 on the GPU: the bf16
+/// CUDA block runs on a bf16 copy of the fp32 masters, refreshed after every optimizer step, and returns fp32
+/// gradients that the optimizer applies to the masters — mixed precision as PyTorch AMP trains).
+template <class T, class Space, class C = T>
 class Trainer {
  public:
   using Weights = moe::MoeWeights<T, Space>;
   using matrix = typename moe::MoeViews<T, Space>::matrix;
+  using cmatrix = typename moe::MoeViews<C, Space>::matrix;
+  using Block = comm::DistributedMoe<C, Space>;
 
   Trainer(const Settings& s, comm::Communicator& world)
       : s_(s), world_(world), hf_(io::HfCheckpoint::open(s.hf_dir)), spec_(io::spec_for(hf_.config().architecture)) {
@@ -163,7 +210,7 @@ class Trainer {
     KMOE_CHECK_INPUT(!layers_.empty(), s.hf_dir.string(), ": no MoE layer found (architecture ", spec_.architecture,
                      ")");
     layout_ = std::make_unique<comm::ExpertParallel>(world_, hf_.config().num_experts, s.ep);
-    moe::MoeOptions options;
+    moe::MoeOptions options = s.options;
     options.top_k = hf_.config().top_k;
 
     fs::path resume_from;
@@ -191,9 +238,10 @@ class Trainer {
       Weights original = comm::local_slice(moe::load_weights<T, Space>(hf_, layer), *layout_);
       Weights student = ck ? from_checkpoint(*ck, layer, "", original) : deep_copy_of(original);
       if (s_.data.empty())
-        teachers_.push_back(std::make_unique<comm::DistributedMoe<T, Space>>(
-            *layout_, moe::synthetic::perturbed_copy(original, s_.seed, layer, s_.perturb), options));
-      students_.push_back(std::make_unique<comm::DistributedMoe<T, Space>>(*layout_, student, options));
+        teachers_.push_back(std::make_unique<Block>(
+            *layout_, compute_copy<C>(moe::synthetic::perturbed_copy(original, s_.seed, layer, s_.perturb)), options));
+      masters_.push_back(student);
+      students_.push_back(std::make_unique<Block>(*layout_, compute_copy<C>(student), options));
       optimizers_.emplace_back(student, s_.adamw);
       if (ck && ck->has(io::moe_tensor_name(layer, "router", "optim.exp_avg."))) {
         copy_into(optimizers_.back().exp_avg(),
@@ -221,11 +269,13 @@ class Trainer {
     // Nothing to train: --steps 0 saves the loaded weights; a resumed run already at --steps keeps its checkpoint.
     if (s_.steps == start_step_) last = resumed_from_.empty() ? save(start_step_) : resumed_from_;
     for (std::int64_t step = start_step_ + 1; step <= s_.steps; ++step) {
-      const auto [loss, norm] = train_step(step);
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto [loss, norm] = train_step(step);  // ends with the optimizer's fence: the step's work is done
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       if (root) {
-        char line[160];
-        std::snprintf(line, sizeof line, "step %lld/%lld loss %.9e grad_norm %.6e\n", static_cast<long long>(step),
-                      static_cast<long long>(s_.steps), loss, norm);
+        char line[200];
+        std::snprintf(line, sizeof line, "step %lld/%lld loss %.9e grad_norm %.6e time_ms %.3f\n",
+                      static_cast<long long>(step), static_cast<long long>(s_.steps), loss, norm, ms);
         std::cout << line << std::flush;
       }
       bar.update(step - start_step_);
@@ -295,42 +345,57 @@ class Trainer {
     const auto part = comm::contiguous_split(rows, world_.size(), world_.rank());
     const double scale = 1.0 / (static_cast<double>(layers_.size()) * static_cast<double>(rows) * static_cast<double>(H));
     comm::GradientSet grads(*layout_);
-    std::vector<moe::MoeBackward<T, Space>> backs;
+    std::vector<moe::MoeBackward<C, Space>> backs;
     double loss = 0;
     for (std::size_t l = 0; l < layers_.size(); ++l) {
-      matrix x, target;
+      cmatrix x, target;
       if (s_.data.empty()) {
-        x = matrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("x")), part.count, H);
+        matrix xt(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("x")), part.count, H);
         // Batch (step - 1) mod --batches of a fixed synthetic data set: a pure function of (seed, batch, layer).
-        moe::synthetic::fill_normal(x, s_.seed, moe::synthetic::input_stream((step - 1) % s_.batches, layers_[l]),
+        moe::synthetic::fill_normal(xt, s_.seed, moe::synthetic::input_stream((step - 1) % s_.batches, layers_[l]),
                                     part.begin, 1.0);
+        x = as_compute(xt);
         target = teachers_[l]->forward(x);
       } else {
-        x = data_x_[l];
-        target = data_y_[l];
+        x = as_compute(data_x_[l]);
+        target = as_compute(data_y_[l]);
       }
-      const matrix y = students_[l]->forward(x);
-      matrix dy(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("dy")), part.count, H);
-      loss += mse_and_gradient<T, Space>(y, target, dy, scale);
+      const cmatrix y = students_[l]->forward(x);
+      cmatrix dy(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("dy")), part.count, H);
+      loss += mse_and_gradient<C, Space>(y, target, dy, scale);
       backs.push_back(students_[l]->backward(dy));
+      // Named per layer: one set over every layer, so the norm and the clipping are global.
       const auto& g = backs.back().grads;
       const std::string p = "layer" + std::to_string(layers_[l]) + ".";
-      grads.add(p + "router", g.router, comm::GradKind::replicated);
-      grads.add(p + "w1", g.w1, comm::GradKind::expert);
-      grads.add(p + "w3", g.w3, comm::GradKind::expert);
-      grads.add(p + "w2", g.w2, comm::GradKind::expert);
-      if (g.has_shared()) {
-        grads.add(p + "shared_w1", g.shared_w1, comm::GradKind::replicated);
-        grads.add(p + "shared_w3", g.shared_w3, comm::GradKind::replicated);
-        grads.add(p + "shared_w2", g.shared_w2, comm::GradKind::replicated);
-      }
+      moe::for_each_weight_pair(g, g, [&](const auto& v, const auto&, const char* name) {
+        const std::string n = name;
+        if (v.span() == 0) return;  // no shared expert
+        grads.add(p + n, v, n == "w1" || n == "w3" || n == "w2" ? comm::GradKind::expert : comm::GradKind::replicated);
+      });
     }
     grads.reduce();
     const double norm = s_.clip > 0 ? grads.clip(s_.clip) : grads.global_norm();
-    for (std::size_t l = 0; l < layers_.size(); ++l)
-      optimizers_[l].step(students_[l]->layer().weights(), backs[l].grads);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      optimizers_[l].step(masters_[l], backs[l].grads);
+      if constexpr (!std::is_same<C, T>::value) {  // the compute copy follows the masters
+        moe::for_each_weight_pair(students_[l]->layer().weights(), masters_[l], [](const auto& d, const auto& m, const char*) {
+          if (m.span() > 0) convert_into<Space>(d, m);
+        });
+      }
+    }
     world_.allreduce_sum_host(&loss, 1);  // each rank's tokens are its own: the sum is the mean over all tokens
     return {loss, norm};
+  }
+
+  /// A batch in the compute type: the same View when C is T, a converted copy otherwise.
+  cmatrix as_compute(const matrix& m) const {
+    if constexpr (std::is_same<C, T>::value) {
+      return m;
+    } else {
+      cmatrix c(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(m.label())), m.extent(0), m.extent(1));
+      convert_into<Space>(c, m);
+      return c;
+    }
   }
 
   // Saves RUN_DIR/checkpoint-STEP: non-MoE tensors (world rank 0, original bytes), MoE weights and AdamW state in
@@ -368,7 +433,7 @@ class Trainer {
       auto add = [&](const Weights& w, const std::string& prefix) {
         io::add_moe_layer(c, layers_[l], to_host(w), first, root, prefix);
       };
-      add(students_[l]->layer().weights(), "");
+      add(masters_[l], "");
       if (step > 0) {
         add(optimizers_[l].exp_avg(), "optim.exp_avg.");
         add(optimizers_[l].exp_avg_sq(), "optim.exp_avg_sq.");
@@ -386,7 +451,8 @@ class Trainer {
   const io::ModelSpec& spec_;
   std::vector<int> layers_;
   std::unique_ptr<comm::ExpertParallel> layout_;
-  std::vector<std::unique_ptr<comm::DistributedMoe<T, Space>>> students_, teachers_;
+  std::vector<Weights> masters_;  // the trained weights (the students compute on them, or on a C copy of them)
+  std::vector<std::unique_ptr<Block>> students_, teachers_;
   std::vector<moe::AdamW<T, Space>> optimizers_;
   std::vector<matrix> data_x_, data_y_;
   std::int64_t data_rows_ = 0;
@@ -394,25 +460,14 @@ class Trainer {
   fs::path resumed_from_;
 };
 
-template <class T, class Space>
+template <class T, class Space, class C = T>
 void train(const Settings& s, comm::Communicator& world) {
-  Trainer<T, Space> trainer(s, world);
+  Trainer<T, Space, C> trainer(s, world);
   trainer.run();
 }
 
 template <class T>
 void train_on_backend(const Settings& s, comm::Communicator& world, const std::string& backend) {
-#ifdef KOKKOS_ENABLE_CUDA
-  // GPU ranks exchange device buffers: NCCL for the expert-parallel collectives (not exercised by the CPU tests).
-  if (backend == "cuda" || (backend.empty() && std::is_same_v<Kokkos::DefaultExecutionSpace, Kokkos::Cuda>)) {
-#if KMOE_ENABLE_NCCL
-    auto nccl = comm::NcclCommunicator::world();
-    return train<T, Kokkos::Cuda>(s, *nccl);
-#else
-    throw UsageError("--backend cuda needs kmoe built with KMOE_ENABLE_NCCL=ON");
-#endif
-  }
-#endif
   if (backend.empty()) return train<T, Kokkos::DefaultExecutionSpace>(s, world);
 #ifdef KOKKOS_ENABLE_SERIAL
   if (backend == "serial") return train<T, Kokkos::Serial>(s, world);
@@ -426,7 +481,7 @@ void train_on_backend(const Settings& s, comm::Communicator& world, const std::s
 int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   Args args("kmoe finetune", argv_rest,
             {"checkpoint", "steps", "out", "save-every", "lr", "weight-decay", "beta1", "beta2", "eps", "clip", "ep",
-             "data", "tokens", "batches", "perturb", "seed", "precision", "backend"},
+             "data", "tokens", "batches", "perturb", "seed", "precision", "backend", "engine", "comm"},
             {"resume", "no-convert"});
   args.expect_positionals(0, 0, "no positional arguments");
   Settings s;
@@ -457,12 +512,29 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   s.seed = static_cast<std::uint64_t>(args.get_int("seed", 0));
   s.resume = args.flag("resume");
   s.convert = !args.flag("no-convert");
-  const std::string precision = args.get_choice("precision", "f32", {"f32", "f64"});
   const std::string backend = args.get_choice("backend", "", {"", "serial", "openmp", "cuda"});
+  const std::string precision =
+      args.get_choice("precision", backend == "cuda" ? "bf16" : "f32", {"f32", "f64", "bf16"});
+  KMOE_CHECK_USAGE(precision != "bf16" || backend == "cuda", "--precision bf16 runs on --backend cuda only");
+  s.options.gemm = parse_engine(args.get_choice("engine", "auto", {"auto", "blas", "kokkos", "cutlass"}));
+  const std::string comm_choice = args.get_choice("comm", "auto", {"auto", "nccl", "mpi"});
+#if !KMOE_ENABLE_CUDA
+  KMOE_CHECK_USAGE(backend != "cuda", "--backend cuda needs a kmoe built with KMOE_ENABLE_CUDA=ON");
+#endif
 
   Runtime runtime(argc, argv);
   auto world = comm::MpiCommunicator::world();
   return comm::run_or_abort(*world, "kmoe finetune", [&] {
+#if KMOE_ENABLE_CUDA
+    if (backend == "cuda") {
+      // GPU ranks exchange device buffers: NCCL (a GPU per rank) or MPI over device buffers (ranks sharing a GPU).
+      auto devices = device_world(comm_choice);
+      if (precision == "bf16") train<float, Kokkos::Cuda, bf16>(s, *devices);  // fp32 masters, bf16 block
+      else if (precision == "f64") train<double, Kokkos::Cuda>(s, *devices);
+      else train<float, Kokkos::Cuda>(s, *devices);
+      return 0;
+    }
+#endif
     if (precision == "f64")
       train_on_backend<double>(s, *world, backend);
     else

@@ -1,7 +1,8 @@
-// GPU benchmarks of kmoe's CUDA MoE block (bf16 storage, fp32 accumulation) on MoE-shaped problems, and the grouped
-// GEMM engine against cuBLAS (per-expert cublasGemmEx, and one dense GEMM of the same rows = the ceiling).
+// GPU benchmark of kmoe's grouped GEMM kernel (bf16 storage, fp32 accumulation) on MoE-shaped problems against cuBLAS
+// (per-expert cublasGemmEx, and one dense GEMM of the same rows = the ceiling). The whole block is timed by
+// moe_peer_bench (beside the peers, same schema).
 // Timing: CUDA events around the region after warm-up (manual time); random data (never zeros).
-// Counters: TFLOP/s of the expert GEMMs (2·P·H·3F forward, twice that backward; the router is not counted).
+// Counters: TFLOP/s of the up-projection (2·P·H·2F).
 #include <benchmark/benchmark.h>
 
 #include <kmoe/config.hpp>
@@ -60,41 +61,6 @@ double time_ms(F&& f, int reps) {
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   return ms / reps;
-}
-
-void BM_MoeBlock(benchmark::State& state, Shape s, MoePath path, GemmEngine engine, bool backward) {
-  MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
-  const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
-  const float ws = 1.f / std::sqrt(float(H));
-  bf16_t* x = random_bf16(T * H, 1.f, 1);
-  bf16_t* dy = random_bf16(T * H, 1.f, 2);
-  MoeWeights w;
-  w.gate = random_bf16(E * H, ws, 3);
-  w.w1 = random_bf16(E * F * H, ws, 4);
-  w.w3 = random_bf16(E * F * H, ws, 5);
-  w.w2 = random_bf16(E * H * F, 1.f / std::sqrt(float(F)), 6);
-  auto* y = static_cast<bf16_t*>(dalloc(T * H * sizeof(bf16_t)));
-  void* work = dalloc(moe_workspace_bytes(shape, path));
-  MoeGrads g;
-  g.dx = static_cast<float*>(dalloc(T * H * 4));
-  g.d_gate = static_cast<float*>(dalloc(E * H * 4));
-  g.dw1 = static_cast<float*>(dalloc(E * F * H * 4));
-  g.dw3 = static_cast<float*>(dalloc(E * F * H * 4));
-  g.dw2 = static_cast<float*>(dalloc(E * H * F * 4));
-  MoeSaved saved = moe_carve(work, shape, path);
-  saved.engine = engine;
-  auto step = [&] {
-    moe_forward(x, w, saved, y, nullptr);
-    if (backward) moe_backward(x, w, saved, dy, g, nullptr);
-  };
-  step();  // warm-up: module load, smem attributes
-  KMOE_CUDA_CHECK(cudaDeviceSynchronize());
-  for (auto _ : state) state.SetIterationTime(time_ms(step, 3) / 1e3);
-  const double flops = 2.0 * T * s.k * H * 3.0 * F * (backward ? 3.0 : 1.0);
-  state.counters["TFLOP/s"] = benchmark::Counter(flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
-  for (void* p : {(void*)x, (void*)dy, (void*)w.gate, (void*)w.w1, (void*)w.w3, (void*)w.w2, (void*)y, work,
-                  (void*)g.dx, (void*)g.d_gate, (void*)g.dw1, (void*)g.dw3, (void*)g.dw2})
-    cudaFree(p);
 }
 
 /// The up-projection alone (rows · [W1;W3]ᵀ, N = 2F) with balanced experts: kmoe's grouped kernel (offsets on the
@@ -156,17 +122,6 @@ void BM_UpProjection(benchmark::State& state, Shape s, int engine) {
 
 void register_all() {
   for (const Shape& s : kShapes) {
-    for (MoePath path : {MoePath::Scattered, MoePath::Padded})
-      for (GemmEngine engine : {GemmEngine::Kernel, GemmEngine::Cublas}) {
-        const std::string p = std::string(path == MoePath::Scattered ? "scattered" : "padded") +
-                              (engine == GemmEngine::Cublas ? "/cublas" : "/kernel");
-        benchmark::RegisterBenchmark(("moe_fwd/" + std::string(s.name) + "/" + p).c_str(), BM_MoeBlock, s, path,
-                                     engine, false)
-            ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-        benchmark::RegisterBenchmark(("moe_fwd_bwd/" + std::string(s.name) + "/" + p).c_str(), BM_MoeBlock, s, path,
-                                     engine, true)
-            ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-      }
     const char* engines[] = {"kmoe_grouped", "cublas_per_expert", "cublas_dense_same_rows"};
     for (int e = 0; e < 3; ++e)
       benchmark::RegisterBenchmark(("up_proj/" + std::string(s.name) + "/" + engines[e]).c_str(), BM_UpProjection, s,

@@ -1,4 +1,4 @@
-// kmoe's half of issue 10's table: times kmoe's CUDA MoE block (forward + backward w.r.t. x and every weight, router
+// kmoe's half of the peer table: times kmoe's CUDA MoE block (MoeLayer<bf16, Kokkos::Cuda>) (forward + backward w.r.t. x and every weight, router
 // included) on the issue's shapes and prints one JSON line per (shape, path) in the schema of perf/device/peers.py, so
 // `compare.py peers.jsonl kmoe.jsonl` puts kmoe next to the peers and the dense roofline of the same run.
 //
@@ -10,8 +10,8 @@
 // - ms: CUDA events around each step after the warm-up steps; median (and min) of --reps steps. Also the medians
 //   of the forward and backward halves (an event between them) and of the host time to enqueue the backward.
 // - tflops = 18*T*k*H*F / median time (expert GEMM FLOPs only; the router is not counted).
-// - extra_mem_bytes = the saved activations + scratch of one step = moe_workspace_bytes(shape, path): kmoe allocates
-//   nothing else during a step (the workspace is carved once, outside the step). What the step returns and keeps
+// - extra_mem_bytes = the saved activations + scratch of one step = MoeLayer::workspace_bytes(): kmoe allocates
+//   nothing else during a step (the workspace is allocated at the first step and carved per step). What the step returns and keeps
 //   (y, dx, the weight gradients) and the weights, x and dy are excluded, as in peers.py. cuBLAS' own handle
 //   workspace (allocated once per process at the first cuBLAS call, not per step) is reported apart as
 //   cublas_handle_bytes (the device memory that disappeared across the warm-up besides our own allocations).
@@ -21,14 +21,17 @@
 // --graph (engines kernel and cutlass only: they never wait for the host): one step (forward + backward) is captured
 // into a CUDA graph after the warm-up and each timed step replays it (suffix "-graph"); ms_fwd/ms_bwd are then 0
 // (one graph, no event between the halves) and host_bwd_enqueue_ms is the host time of cudaGraphLaunch. --swiglu fused|unfused
-// sets MoeSaved::fuse_swiglu (default: fused_swiglu_default(), i.e. KMOE_FUSED_SWIGLU) and adds "-fused" /
+// sets MoeOptions::fuse_swiglu (default: fused) and adds "-fused" /
 // "-unfused"; both runs each (shape, path) unfused then fused, one after the other in the same process.
-// With --grads bf16 the expert weight gradients are stored in bf16 (MoeGrads::dw*_bf16, as the peers' .grad is) and
+// With --grads bf16 the expert weight gradients are stored in bf16 (MoeLayer's Bf16ExpertGrads, as the peers' .grad is) and
 // the impl gains "-bf16grads". Shape finegrained-T2048 (not in the default list) is a small-expert shape where Auto picks the kernel engine
 // (the CUTLASS engine in builds that have it).
 // Exit code: 0 when every row is ok, 1 otherwise, 2 bad usage.
 #include <kmoe/core/cuda/check.hpp>
 #include <kmoe/core/cuda/kernels.hpp>
+#include <kmoe/moe/moe_layer.hpp>
+
+#include <Kokkos_Core.hpp>
 
 #include "bench_util.hpp"
 
@@ -45,6 +48,8 @@
 namespace {
 
 using namespace kmoe::core::cuda;
+/// The block's two layouts (MoeOptions::impl).
+enum class MoePath { Scattered, Padded };
 
 struct Shape {
   const char* id;     // peers.py's shape id
@@ -89,66 +94,80 @@ bool finite_bf16(const bf16_t* d, std::int64_t n) {
 struct Result {
   double ms_median = 0, ms_min = 0;
   double fwd_ms = 0, bwd_ms = 0;  ///< medians of the forward and backward halves (events between them)
-  double host_bwd_ms = 0;         ///< median host time to enqueue moe_backward (no host sync inside it)
+  double host_bwd_ms = 0;         ///< median host time to enqueue the backward (no host sync inside it)
   std::size_t workspace = 0, cublas_handle = 0;
-  const char* engine = "kernel";  ///< the engine moe_forward used
+  const char* engine = "kernel";  ///< the engine the forward used
   bool finite = false;
   bool swiglu_fused = false;  ///< the routed experts' SwiGLU ran in the GEMM epilogues (kernel engine, fuse on)
 };
 
-/// fuse: MoeSaved::fuse_swiglu, or -1 for its default.
+/// fuse: MoeOptions::fuse_swiglu, or -1 for its default.
 Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int fuse, bool bf16_grads, int warmup,
                int reps, std::uint64_t seed) {
-  const MoeShape shape{s.tokens, s.hidden, s.ffn, s.experts, s.k, 0};
+  using Layer = kmoe::moe::MoeLayer<kmoe::bf16, Kokkos::Cuda>;
+  using Grad = Layer::grad_matrix;
+  using Grad3 = kmoe::moe::MoeViews<float, Kokkos::Cuda>::tensor3;
   const std::int64_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
   kmoe::perf::DeviceArena dev;
   const std::uint64_t base = seed * 1000 + 17;
-  bf16_t* x = dev.random_bf16(T * H, 1.f, base + 1);
-  bf16_t* dy = dev.random_bf16(T * H, 1.f, base + 2);
-  MoeWeights w;
-  w.gate = dev.random_bf16(E * H, 1.f / std::sqrt(float(H)), base + 3);
-  w.w1 = dev.random_bf16(E * F * H, 1.f / std::sqrt(float(H)), base + 4);
-  w.w3 = dev.random_bf16(E * F * H, 1.f / std::sqrt(float(H)), base + 5);
-  w.w2 = dev.random_bf16(E * H * F, 1.f / std::sqrt(float(F)), base + 6);
-  auto* y = static_cast<bf16_t*>(dev.alloc(std::size_t(T * H) * sizeof(bf16_t)));
-  MoeGrads g;
-  g.dx = static_cast<float*>(dev.alloc(std::size_t(T * H) * 4));
-  g.d_gate = static_cast<float*>(dev.alloc(std::size_t(E * H) * 4));
+  auto b16 = [](bf16_t* p) { return reinterpret_cast<kmoe::bf16*>(p); };
+  const Layer::matrix x(b16(dev.random_bf16(T * H, 1.f, base + 1)), T, H);
+  const Layer::matrix dy(b16(dev.random_bf16(T * H, 1.f, base + 2)), T, H);
+  kmoe::moe::MoeWeights<kmoe::bf16, Kokkos::Cuda> w;
+  w.router = Layer::matrix(b16(dev.random_bf16(E * H, 1.f / std::sqrt(float(H)), base + 3)), E, H);
+  w.w1 = Layer::views::tensor3(b16(dev.random_bf16(E * F * H, 1.f / std::sqrt(float(H)), base + 4)), E, F, H);
+  w.w3 = Layer::views::tensor3(b16(dev.random_bf16(E * F * H, 1.f / std::sqrt(float(H)), base + 5)), E, F, H);
+  w.w2 = Layer::views::tensor3(b16(dev.random_bf16(E * H * F, 1.f / std::sqrt(float(F)), base + 6)), E, H, F);
+  const Layer::matrix y(b16(static_cast<bf16_t*>(dev.alloc(std::size_t(T * H) * sizeof(bf16_t)))), T, H);
+  auto f32 = [&](std::int64_t n) { return static_cast<float*>(dev.alloc(std::size_t(n) * 4)); };
+  kmoe::moe::MoeBackward<kmoe::bf16, Kokkos::Cuda> g;
+  g.dx = Grad(f32(T * H), T, H);
+  g.grads.router = Grad(f32(E * H), E, H);
+  Layer::Bf16ExpertGrads g16;
   if (bf16_grads) {
-    g.dw1_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(E * F * H) * 2));
-    g.dw3_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(E * F * H) * 2));
-    g.dw2_bf16 = static_cast<bf16_t*>(dev.alloc(std::size_t(E * H * F) * 2));
+    auto b = [&](std::int64_t n) { return b16(static_cast<bf16_t*>(dev.alloc(std::size_t(n) * 2))); };
+    g16.w1 = Layer::views::tensor3(b(E * F * H), E, F, H);
+    g16.w3 = Layer::views::tensor3(b(E * F * H), E, F, H);
+    g16.w2 = Layer::views::tensor3(b(E * H * F), E, H, F);
   } else {
-    g.dw1 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
-    g.dw3 = static_cast<float*>(dev.alloc(std::size_t(E * F * H) * 4));
-    g.dw2 = static_cast<float*>(dev.alloc(std::size_t(E * H * F) * 4));
+    g.grads.w1 = Grad3(f32(E * F * H), E, F, H);
+    g.grads.w3 = Grad3(f32(E * F * H), E, F, H);
+    g.grads.w2 = Grad3(f32(E * H * F), E, H, F);
   }
-  Result r;
-  r.workspace = moe_workspace_bytes(shape, path);
-  void* work = dev.alloc(r.workspace);
-  MoeSaved saved = moe_carve(work, shape, path);
-  saved.engine = engine;
-  if (fuse >= 0) saved.fuse_swiglu = fuse == 1;
-  auto step = [&](cudaStream_t stream = nullptr) {  // warm-up steps (and the captured one)
-    moe_forward(x, w, saved, y, stream);
-    moe_backward(x, w, saved, dy, g, stream);
+  kmoe::moe::MoeOptions o;
+  o.top_k = s.k;
+  o.impl = path == MoePath::Padded ? kmoe::moe::ExpertImpl::Padded : kmoe::moe::ExpertImpl::Scatter;
+  o.gemm = engine == GemmEngine::Kernel    ? kmoe::core::GemmAlgo::Kokkos
+           : engine == GemmEngine::Cublas  ? kmoe::core::GemmAlgo::Blas
+           : engine == GemmEngine::Cutlass ? kmoe::core::GemmAlgo::Cutlass
+                                           : kmoe::core::GemmAlgo::Auto;
+  if (fuse >= 0) o.fuse_swiglu = fuse == 1;
+  // The layer's stream: one of its own, so that graph capture works (the legacy default stream cannot be captured).
+  cudaStream_t gs = nullptr;
+  KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
+  Layer layer(w, o, Kokkos::Cuda(gs));
+  auto forward = [&] { layer.forward(x, y); };
+  auto backward = [&] {
+    if (bf16_grads) layer.backward(dy, g, g16);
+    else layer.backward(dy, g);
   };
+  Result r;
   KMOE_CUDA_CHECK(cudaDeviceSynchronize());
   const std::size_t free_before = free_bytes();
-  for (int i = 0; i < std::max(warmup, 1); ++i) step();
+  for (int i = 0; i < std::max(warmup, 1); ++i) forward(), backward();
   KMOE_CUDA_CHECK(cudaDeviceSynchronize());
   const std::size_t free_after = free_bytes();
-  r.cublas_handle = free_before > free_after ? free_before - free_after : 0;
-  r.engine = saved.cublas ? "cublas" : saved.cutlass ? "cutlass" : "kernel";
-  r.swiglu_fused = saved.fuse_swiglu && !saved.cublas && !saved.cutlass;
-  // Graph mode: capture one step on a stream of its own (the legacy default stream cannot be captured).
-  cudaStream_t gs = nullptr;
+  r.workspace = layer.workspace_bytes();
+  // cuBLAS' handle workspace: what disappeared across the warm-up besides the layer's own workspace.
+  const std::size_t gone = free_before > free_after ? free_before - free_after : 0;
+  r.cublas_handle = gone > r.workspace ? gone - r.workspace : 0;
+  r.engine = layer.gemm_engine();
+  r.swiglu_fused = o.fuse_swiglu && std::string(r.engine) == "kernel";
   cudaGraphExec_t exec = nullptr;
   if (graph) {
-    KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
     cudaGraph_t captured = nullptr;
     KMOE_CUDA_CHECK(cudaStreamBeginCapture(gs, cudaStreamCaptureModeRelaxed));
-    step(gs);
+    forward(), backward();
     KMOE_CUDA_CHECK(cudaStreamEndCapture(gs, &captured));
     KMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, captured, 0));
     KMOE_CUDA_CHECK(cudaGraphDestroy(captured));
@@ -169,19 +188,16 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int 
     KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 2], gs));
   }
   for (int i = 0; i < reps && !exec; ++i) {
-    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i]));
-    moe_forward(x, w, saved, y, nullptr);
-    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 1]));
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i], gs));
+    forward();
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 1], gs));
     const auto h0 = std::chrono::steady_clock::now();
-    moe_backward(x, w, saved, dy, g, nullptr);
+    backward();
     host_bwd[i] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - h0).count();
-    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 2]));
+    KMOE_CUDA_CHECK(cudaEventRecord(ev[3 * i + 2], gs));
   }
   KMOE_CUDA_CHECK(cudaDeviceSynchronize());
-  if (exec) {
-    KMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    KMOE_CUDA_CHECK(cudaStreamDestroy(gs));
-  }
+  if (exec) KMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
   std::vector<double> ms(reps), fwd(reps), bwd(reps);
   for (int i = 0; i < reps; ++i) {
     float v = 0, f = 0, b = 0;
@@ -201,8 +217,11 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int 
   r.fwd_ms = median(fwd);
   r.bwd_ms = median(bwd);
   r.host_bwd_ms = median(host_bwd);
-  r.finite = finite_bf16(y, T * H) && finite_f32(g.dx, T * H) && finite_f32(g.d_gate, E * H) &&
-             (bf16_grads ? finite_bf16(g.dw2_bf16, E * H * F) : finite_f32(g.dw2, E * H * F));
+  r.finite = finite_bf16(reinterpret_cast<const bf16_t*>(y.data()), T * H) && finite_f32(g.dx.data(), T * H) &&
+             finite_f32(g.grads.router.data(), E * H) &&
+             (bf16_grads ? finite_bf16(reinterpret_cast<const bf16_t*>(g16.w2.data()), E * H * F)
+                         : finite_f32(g.grads.w2.data(), E * H * F));
+  KMOE_CUDA_CHECK(cudaStreamDestroy(gs));
   return r;
 }
 
@@ -218,6 +237,7 @@ std::string json_escape(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  Kokkos::ScopeGuard kokkos(argc, argv);
   std::string shapes = "mixtral-T8192,mixtral-T2048,finegrained-T8192", paths = "scatter,padded", engine_s = "auto",
               swiglu_s = "default", grads_s = "f32";
   int warmup = 5, reps = 30;
@@ -253,7 +273,7 @@ int main(int argc, char** argv) {
   if (grads_s != "f32" && grads_s != "bf16") usage("--grads must be f32 or bf16, not '" + grads_s + "'");
   const bool bf16_grads = grads_s == "bf16";
   if (bf16_grads) suffix += "-bf16grads";
-  std::vector<int> fuse_list;  // MoeSaved::fuse_swiglu per run, -1: its default
+  std::vector<int> fuse_list;  // MoeOptions::fuse_swiglu per run, -1: its default
   if (swiglu_s == "default") fuse_list = {-1};
   else if (swiglu_s == "fused") fuse_list = {1};
   else if (swiglu_s == "unfused") fuse_list = {0};
@@ -301,7 +321,7 @@ int main(int argc, char** argv) {
                       "\"workspace_bytes\": %zu, \"cublas_handle_bytes\": %zu, \"engine\": \"%s\", "
                       "\"swiglu\": \"%s\", "
                       "\"ms_fwd_median\": %.6g, \"ms_bwd_median\": %.6g, \"host_bwd_enqueue_ms_median\": %.6g, "
-                      "\"dispatch\": \"kmoe::core::cuda::moe_forward/moe_backward (%s, %s engine)\"%s",
+                      "\"dispatch\": \"kmoe::moe::MoeLayer<bf16, Kokkos::Cuda> (%s, %s engine)\"%s",
                       r.ms_median, r.ms_min, flops / (r.ms_median * 1e-3) / 1e12, r.workspace, r.workspace,
                       r.cublas_handle, r.engine, r.swiglu_fused ? "fused" : "separate",
                       r.fwd_ms, r.bwd_ms, r.host_bwd_ms,

@@ -9,7 +9,8 @@
 #                                   when the device lacks them
 #
 #   perf/device/pack_mpi.sh [SRC] [BUILD]   SRC defaults to this checkout, BUILD to SRC's build-gpu-mpi
-#   KMOE_TARGETS (default: kmoe_cli test_comm_nccl_np1 bench_alltoall, + bench_ep_moe when perf/ has it)
+#   KMOE_TARGETS (default: kmoe_cli test_comm_nccl_np1 test_comm_mpi_device_np2 bench_alltoall, + bench_ep_moe when
+#                perf/ has it)
 # On the device: `source perf/device/mpi_env.sh`, then `mpirun -np N ...` (docs/gpu.md).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -22,7 +23,7 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DKMOE_ENABLE_CUDA=ON -DKMOE_ENABLE_MPI=ON -DKMOE_ENABLE_NCCL=ON \
     -DKMOE_ENABLE_HDF5=ON -DKMOE_ENABLE_EXAMPLES=OFF -DCMAKE_FIND_PACKAGE_TARGETS_GLOBAL=ON
 fi
-targets=${KMOE_TARGETS:-kmoe_cli test_comm_nccl_np1 bench_alltoall}
+targets=${KMOE_TARGETS:-kmoe_cli test_comm_nccl_np1 test_comm_mpi_device_np2 bench_alltoall}
 if [ -z "${KMOE_TARGETS:-}" ] && [ -f "$src/perf/bench_ep_moe.cpp" ]; then targets="$targets bench_ep_moe"; fi
 cmake --build "$build" -j "${KMOE_JOBS:-2}" --target $targets
 # Shared libraries: what the binaries, orterun/orted and every Open MPI / PMIx component load, except the ones the

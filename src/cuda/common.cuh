@@ -102,10 +102,10 @@ class HoldFpExceptions {
 
 /// The cuBLAS engine of the expert GEMMs (cublas_engine.cu): the semantics of grouped_gemm / grouped_gemm_tn for
 /// unindexed rows (a_index, c_index, b_index nullptr), one cublasGemmEx per non-empty group, with the group offsets
-/// on the host.
+/// on the host; `settings` spreads them over side streams or batches them (kernels.hpp, CublasSettings).
 void grouped_gemm_cublas(const GroupedGemmArgs& args, const std::vector<std::int64_t>& host_offsets,
-                         cudaStream_t stream);
+                         const CublasSettings& settings, cudaStream_t stream);
 void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& args, const std::vector<std::int64_t>& host_offsets,
-                            cudaStream_t stream);
+                            const CublasSettings& settings, cudaStream_t stream);
 
 }  // namespace kmoe::core::cuda::detail

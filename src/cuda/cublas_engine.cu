@@ -4,7 +4,6 @@
 #include "common.cuh"
 
 #include <algorithm>
-#include <cstdlib>
 
 namespace kmoe::core::cuda::detail {
 
@@ -21,35 +20,19 @@ cublasHandle_t handle_for(cudaStream_t stream) {
   return handles[dev];
 }
 
-/// Streams the per-expert GEMMs are spread over: KMOE_CUBLAS_STREAMS=n (1..8), default 1 (the caller's stream).
-/// An experiment knob for small experts (fine-grained MoE: ~1000 rows, N = F = 768, fewer output tiles than SMs):
-/// on the H100 the fine-grained block turned out bound by the host's ~580 cublasGemmEx launches per step (the
-/// backward's enqueue takes ~4.5 ms of its ~5 ms), so side streams changed it by less than the run-to-run spread
-/// (perf/NOTES.md); the default stays one stream.
-int env_streams() {
-  static const int n = [] {
-    const char* e = std::getenv("KMOE_CUBLAS_STREAMS");
-    if (!e || !*e) return 1;
-    const int v = std::atoi(e);
-    return v < 1 ? 1 : (v > 8 ? 8 : v);
-  }();
-  return n;
-}
-
 /// Side streams (non-blocking) with one cuBLAS handle each (a handle's workspace must not be shared between streams
 /// running at the same time), per host thread and device, and the events that fork from and join to the caller's
 /// stream. fork(): every side stream waits for the work enqueued so far; join(): the caller's stream waits for them.
 class SideStreams {
  public:
-  static SideStreams& get() {
+  static SideStreams& get(int n) {
     static thread_local SideStreams per_device[16];
     int dev = 0;
     KMOE_CUDA_CHECK(cudaGetDevice(&dev));
     SideStreams& s = per_device[dev];
-    s.init(env_streams());
+    s.init(n);
     return s;
   }
-  int size() const { return n_; }
   cublasHandle_t handle(int i) const { return handles_[i]; }
   cudaStream_t stream(int i) const { return streams_[i]; }
   void fork(cudaStream_t main) {
@@ -64,11 +47,12 @@ class SideStreams {
   }
 
  private:
+  /// Creates side streams up to n (1..8); existing ones are kept.
   void init(int n) {
-    if (n_ == n) return;
-    KMOE_ASSERT(n_ == 0 && n <= 8, "side streams are created once");
-    KMOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    for (int i = 0; i < n; ++i) {
+    if (n <= n_) return;
+    KMOE_ASSERT(n <= 8, "at most 8 side streams");
+    if (!fork_) KMOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    for (int i = n_; i < n; ++i) {
       KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking));
       KMOE_CUDA_CHECK(cudaEventCreateWithFlags(&join_[i], cudaEventDisableTiming));
       KMOE_CUBLAS_CHECK(cublasCreate(&handles_[i]));
@@ -87,8 +71,8 @@ class SideStreams {
 struct GroupStreams {
   GroupStreams(cudaStream_t main, int n) : main_(main) {
     if (n > 1) {
-      side_ = &SideStreams::get();
-      n_ = std::min(n, side_->size());
+      side_ = &SideStreams::get(n);
+      n_ = n;
       side_->fork(main);
     } else {
       h_ = handle_for(main);
@@ -107,18 +91,6 @@ struct GroupStreams {
   SideStreams* side_ = nullptr;
   cublasHandle_t h_ = nullptr;
 };
-
-/// KMOE_CUBLAS_GROUPED=1: all experts' GEMMs of one call in one cublasGemmGroupedBatchedEx (each GEMM its own
-/// group of one), instead of one cublasGemmEx per expert. The fine-grained block is bound by the host's per-expert
-/// launches (perf/NOTES.md). Off by default: run 20 measured it slower (cuBLAS's grouped kernels run at about half
-/// the per-expert rate on the H100; the fine-grained block 7.4 -> 7.8 ms, Mixtral 27.7 -> 52.9 ms).
-bool env_grouped() {
-  static const bool on = [] {
-    const char* e = std::getenv("KMOE_CUBLAS_GROUPED");
-    return e && *e && std::atoi(e) != 0;
-  }();
-  return on;
-}
 
 /// Device copies of the A/B/C pointer arrays of grouped calls (cuBLAS reads them on the device): a ring of pinned
 /// host + device slots per host thread and device; a slot is reused only after the event of its last use completed.
@@ -223,15 +195,16 @@ void gemm_rm(cublasHandle_t h, bool b_trans, std::int64_t m, std::int64_t n, std
 
 }  // namespace
 
-void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_t>& off, cudaStream_t stream) {
+void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_t>& off, const CublasSettings& settings,
+                         cudaStream_t stream) {
   const HoldFpExceptions hold;
   KMOE_ASSERT(a.a_index == nullptr && a.c_index == nullptr, "the cuBLAS engine takes unindexed rows");
   KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
   const std::int64_t N = a.n, K = a.k;
   const std::int64_t stored_rows = a.b_trans ? N : K, row_len = a.b_trans ? K : N;
   const std::int64_t split = a.b1 ? a.b_split : stored_rows;
-  const bool grouped = env_grouped();
-  const GroupStreams gs(stream, grouped ? 1 : env_streams());
+  const bool grouped = settings.grouped;
+  const GroupStreams gs(stream, grouped ? 1 : settings.streams);
   // grouped: first = every GEMM that overwrites its C, second = the accumulating halves (they must follow the first)
   GemmBatch first, second;
   GemmBatch* b_first = grouped ? &first : nullptr;
@@ -269,7 +242,8 @@ void grouped_gemm_cublas(const GroupedGemmArgs& a, const std::vector<std::int64_
   gs.join();
 }
 
-void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::int64_t>& off, cudaStream_t stream) {
+void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::int64_t>& off,
+                            const CublasSettings& settings, cudaStream_t stream) {
   const HoldFpExceptions hold;
   KMOE_ASSERT(a.a_index == nullptr && a.b_index == nullptr, "the cuBLAS engine takes unindexed rows");
   KMOE_ASSERT(static_cast<int>(off.size()) == a.groups + 1);
@@ -287,8 +261,8 @@ void grouped_gemm_tn_cublas(const GroupedGemmTNArgs& a, const std::vector<std::i
                                                         : (bf16_out ? static_cast<void*>(a.c1_bf16) : a.c1));
     return static_cast<void*>(base + std::size_t(g) * rows_per_group * N * c_elem);
   };
-  const bool grouped = env_grouped();
-  const GroupStreams gs(stream, grouped ? 1 : env_streams());
+  const bool grouped = settings.grouped;
+  const GroupStreams gs(stream, grouped ? 1 : settings.streams);
   GemmBatch batch;
   const float alpha = 1.f, beta = 0.f;
   // C_g[m0:m1, :] = A[rows, m0:m1]ᵀ · B[rows, :]  (column-major: Cᵀ = Bᵀ·A)

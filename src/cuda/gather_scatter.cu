@@ -133,7 +133,7 @@ __global__ void swiglu_forward_kernel(const bf16_t* __restrict__ h13, std::int64
   }
 }
 
-// dh13 may be h13 (moe_backward runs it in place): each thread reads an element's h1, h3 before it writes that
+// dh13 may be h13 (the expert MLP backward runs it in place): each thread reads an element's h1, h3 before it writes that
 // element's dh1, dh3 and touches no other, so h13 and dh13 carry no __restrict__.
 __global__ void swiglu_backward_kernel(const bf16_t* h13, const bf16_t* __restrict__ d_act, std::int64_t rows,
                                        std::int64_t ffn8, bf16_t* dh13) {

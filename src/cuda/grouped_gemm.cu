@@ -18,7 +18,6 @@
 #include <mma.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 namespace kmoe::core::cuda {
@@ -495,11 +494,6 @@ void grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
                                                                        "grouped_gemm_kernel<NN, SwiGLU backward>");
       break;
   }
-}
-
-bool fused_swiglu_default() {
-  const char* v = std::getenv("KMOE_FUSED_SWIGLU");
-  return !(v && std::string(v) == "0");
 }
 
 void grouped_gemm_tn(const GroupedGemmTNArgs& a, cudaStream_t stream) {

@@ -156,7 +156,7 @@ void routing_forward(const bf16_t* x, const bf16_t* gate, std::int64_t tokens, i
   g.b0 = gate;
   g.c_f32 = logits;
   g.ldc = experts;
-  detail::grouped_gemm_cublas(g, one_group(tokens), stream);
+  detail::grouped_gemm_cublas(g, one_group(tokens), CublasSettings{}, stream);
   routing_softmax_topk(logits, tokens, experts, k, probs, topk_idx, topk_weight, stream);
 }
 
@@ -191,7 +191,7 @@ void routing_backward(const bf16_t* x, const bf16_t* gate, const float* probs, c
   g.c_f32 = dx;
   g.ldc = hidden;
   g.accumulate = true;
-  detail::grouped_gemm_cublas(g, one_group(tokens), stream);
+  detail::grouped_gemm_cublas(g, one_group(tokens), CublasSettings{}, stream);
   // d_gate = d_logitsᵀ·x: [E,T]·[T,H]
   GroupedGemmTNArgs w;
   w.rows = tokens;
@@ -202,7 +202,7 @@ void routing_backward(const bf16_t* x, const bf16_t* gate, const float* probs, c
   w.b = x;
   w.ldb = hidden;
   w.c0 = d_gate;
-  detail::grouped_gemm_tn_cublas(w, one_group(tokens), stream);
+  detail::grouped_gemm_tn_cublas(w, one_group(tokens), CublasSettings{}, stream);
 }
 
 }  // namespace kmoe::core::cuda

@@ -37,6 +37,11 @@ class CountingCommunicator final : public comm::Communicator {
     ++row_exchanges;
     inner_.alltoallv(s, sc, so, r, rc, ro, w, t);
   }
+  void alltoallv_blocks(const void* s, const comm::RowBlock* sb, std::size_t ns, void* r, const comm::RowBlock* rb,
+                        std::size_t nr, std::int64_t w, comm::DataType t) override {
+    ++row_exchanges;
+    inner_.alltoallv_blocks(s, sb, ns, r, rb, nr, w, t);
+  }
   void allreduce_sum(void* d, std::int64_t n, comm::DataType t) override { inner_.allreduce_sum(d, n, t); }
   void allreduce_sum_host(double* d, std::int64_t n) override { inner_.allreduce_sum_host(d, n); }
   void broadcast(void* d, std::int64_t b, int root) override { inner_.broadcast(d, b, root); }

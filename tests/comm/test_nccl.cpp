@@ -3,6 +3,9 @@
 // Kokkos build, the dispatch/combine transports also run on device views through NCCL.
 #include <gtest/gtest.h>
 
+#include "block_exchange.hpp"
+#include "device_buffer.hpp"
+
 #include <kmoe/comm/alltoall.hpp>
 #include <kmoe/comm/expert_parallel.hpp>
 #include <kmoe/comm/nccl_communicator.hpp>
@@ -16,24 +19,8 @@ namespace {
 
 using namespace kmoe;
 
-bool have_gpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-template <class T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  std::size_t n = 0;
-  explicit DeviceBuffer(std::size_t count) : n(count) { KMOE_CUDA_CHECK(cudaMalloc(&ptr, std::max<std::size_t>(1, n) * sizeof(T))); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  void upload(const std::vector<T>& h) { KMOE_CUDA_CHECK(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice)); }
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    KMOE_CUDA_CHECK(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-};
+using test::DeviceBuffer;
+using test::have_gpu;
 
 TEST(Nccl, CollectivesOnDevicePointers) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
@@ -90,6 +77,35 @@ TEST(Nccl, CollectivesOnDevicePointers) {
   auto half = comm->split(me % 2, me);
   EXPECT_EQ(half->size(), (n + 1 - me % 2) / 2);
   comm->barrier();
+}
+
+// alltoallv_blocks with the random block lists of the host test: with one rank every block is a self block (device
+// copies on the stream), with more a mix of grouped ncclSend/ncclRecv and self copies.
+template <class T>
+void nccl_block_exchanges(comm::NcclCommunicator& comm, std::int64_t w) {
+  const int n = comm.size(), me = comm.rank();
+  for (unsigned seed = 1; seed <= 6; ++seed) {
+    const auto x = test::make_exchange(seed, me, n, /*max_blocks=*/seed == 6 ? 16 : 4);
+    DeviceBuffer<T> send(test::send_data<T>(me, x.send_rows, w)), recv(test::recv_fill<T>(x.recv_rows, w));
+    comm.alltoallv_blocks(send.ptr, x.sends.data(), x.sends.size(), recv.ptr, x.recvs.data(), x.recvs.size(), w,
+                          comm::data_type_v<T>);
+    comm.synchronize();
+    EXPECT_EQ(test::count_wrong(x, recv.download(), w), 0)
+        << "seed " << seed << ", rank " << me << "/" << n << ", " << comm::name_of(comm::data_type_v<T>);
+  }
+}
+
+TEST(Nccl, AlltoallvBlocksOnDevicePointers) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  auto comm = comm::NcclCommunicator::world();
+  nccl_block_exchanges<float>(*comm, 3);
+  nccl_block_exchanges<bf16>(*comm, 5);
+  nccl_block_exchanges<std::int64_t>(*comm, 2);
+  // Self blocks whose row counts differ are refused before anything is enqueued.
+  const comm::RowBlock s{comm->rank(), 0, 2}, r{comm->rank(), 0, 3};
+  EXPECT_THROW(comm->alltoallv_blocks(nullptr, &s, 1, nullptr, &r, 1, 1, comm::DataType::f32), UsageError);
+  const comm::RowBlock bad{comm->size(), 0, 1};
+  EXPECT_THROW(comm->alltoallv_blocks(nullptr, &bad, 1, nullptr, &r, 1, 1, comm::DataType::f32), UsageError);
 }
 
 // A free function: nvcc accepts device lambdas only in functions whose address can be taken (not TestBody).

@@ -280,6 +280,22 @@ TEST(MoeLayer, CudaBlockOptionsMapping) {
   EXPECT_EQ(c.engine, moe::detail::CudaEngine::Cublas);
   o.gemm = core::GemmAlgo::Kokkos;
   EXPECT_EQ(moe::detail::cuda_block_options(o).engine, moe::detail::CudaEngine::Kernel);
+  o.gemm = core::GemmAlgo::Cutlass;
+  EXPECT_EQ(moe::detail::cuda_block_options(o).engine, moe::detail::CudaEngine::Cutlass);
+  // The former environment switches are options now.
+  EXPECT_TRUE(moe::detail::cuda_block_options(o).fuse_swiglu);
+  o.fuse_swiglu = false;
+  o.cublas_streams = 4;
+  o.cublas_grouped = true;
+  c = moe::detail::cuda_block_options(o);
+  EXPECT_FALSE(c.fuse_swiglu);
+  EXPECT_EQ(c.cublas_streams, 4);
+  EXPECT_TRUE(c.cublas_grouped);
+  for (int n : {0, 9, -1}) {
+    o.cublas_streams = n;
+    EXPECT_THROW(moe::detail::cuda_block_options(o), UsageError) << n;
+  }
+  o.cublas_streams = 1;
   for (std::int64_t b : {1, 2, 32, 64, 128}) {
     o.block = b;
     EXPECT_NO_THROW(moe::detail::cuda_block_options(o)) << b;

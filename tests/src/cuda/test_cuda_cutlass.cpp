@@ -5,9 +5,11 @@
 // get exactly zero weight gradients. DEPENDENCIES.md: an older CUTLASS (3.4.1) returned wrong results silently with
 // nvcc 13, which is why every op is checked here before the engine is trusted.
 #include "cuda_test.hpp"
+#include "layer_util.hpp"
 #include "moe_reference.hpp"
 
 #include <kmoe/core/cuda/cutlass_grouped.hpp>
+#include <kmoe/moe/moe_layer.hpp>
 
 #include <cstdio>
 #include <random>
@@ -287,65 +289,68 @@ TEST(CudaCutlass, EveryBlockGemmOnRandomShapes) {
 }
 
 /// The block with the CUTLASS engine never waits for the host, so a CUDA graph can capture a whole forward +
-/// backward; replaying it must give bit-identical results (every kernel is deterministic: no atomics, no split-K).
+/// backward of MoeLayer<bf16, Kokkos::Cuda>; replaying it must give bit-identical results (every kernel is
+/// deterministic: no atomics, no split-K).
 TEST(CudaCutlass, BlockIsCapturableInACudaGraph) {
   KMOE_REQUIRE_CUTLASS();
-  const MoeShape shape{333, 256, 192, 16, 4, 0};
-  const std::int64_t T = shape.tokens, H = shape.hidden, F = shape.ffn, E = shape.experts;
-  DeviceBuffer<std::uint16_t> x(T * H), dy(T * H), gate(E * H), w1(E * F * H), w3(E * F * H), w2(E * H * F), y(T * H);
-  fill_random_bf16(x.get(), T * H, 1.f, 1, nullptr);
-  fill_random_bf16(dy.get(), T * H, 1.f, 2, nullptr);
-  fill_random_bf16(gate.get(), E * H, 0.1f, 3, nullptr);
-  fill_random_bf16(w1.get(), E * F * H, 0.1f, 4, nullptr);
-  fill_random_bf16(w3.get(), E * F * H, 0.1f, 5, nullptr);
-  fill_random_bf16(w2.get(), E * H * F, 0.1f, 6, nullptr);
-  DeviceBuffer<float> dx(T * H), dgate(E * H), dw1(E * F * H), dw3(E * F * H), dw2(E * H * F);
-  DeviceBuffer<unsigned char> work(moe_workspace_bytes(shape, MoePath::Scattered));
-  MoeWeights w;
-  w.gate = gate.get();
-  w.w1 = w1.get();
-  w.w3 = w3.get();
-  w.w2 = w2.get();
-  MoeGrads g;
-  g.dx = dx.get();
-  g.d_gate = dgate.get();
-  g.dw1 = dw1.get();
-  g.dw3 = dw3.get();
-  g.dw2 = dw2.get();
-  MoeSaved saved = moe_carve(work.get(), shape, MoePath::Scattered);
-  saved.engine = GemmEngine::Cutlass;
+  using Layer = moe::MoeLayer<bf16, Kokkos::Cuda>;
+  const std::int64_t T = 333, H = 256, F = 192, E = 16;
   cudaStream_t stream = nullptr;
   KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  auto step = [&] {
-    moe_forward(x.get(), w, saved, y.get(), stream);
-    moe_backward(x.get(), w, saved, dy.get(), g, stream);
-  };
-  step();  // eager run: the reference (and CUTLASS' one-time host setup)
-  KMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  ASSERT_TRUE(saved.cutlass);
-  const auto y0 = y.download();
-  const auto dx0 = dx.download(), dw10 = dw1.download(), dw30 = dw3.download(), dw20 = dw2.download();
-  const auto dg0 = dgate.download();
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  // Relaxed: CUTLASS' initialize() sets the kernel's shared-memory attribute on the host at each launch.
-  KMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
-  step();
-  KMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  KMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  for (auto* b : {&dx, &dgate, &dw1, &dw3, &dw2}) b->poison();
-  y.poison();
-  work.poison();  // the graph must rebuild everything it reads (plan, saved activations, CUTLASS' arrays)
-  KMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  KMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  EXPECT_EQ(y.download(), y0);
-  EXPECT_EQ(dx.download(), dx0);
-  EXPECT_EQ(dw1.download(), dw10);
-  EXPECT_EQ(dw3.download(), dw30);
-  EXPECT_EQ(dw2.download(), dw20);
-  EXPECT_EQ(dgate.download(), dg0);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  {
+    const Kokkos::Cuda space(stream);
+    auto random = [&](auto view, float scale, std::uint64_t seed) {
+      fill_random_bf16(reinterpret_cast<bf16_t*>(view.data()), view.span(), scale, seed, nullptr);
+      return view;
+    };
+    moe::MoeWeights<bf16, Kokkos::Cuda> w;
+    w.router = random(Layer::matrix("router", E, H), 0.1f, 3);
+    w.w1 = random(Layer::views::tensor3("w1", E, F, H), 0.1f, 4);
+    w.w3 = random(Layer::views::tensor3("w3", E, F, H), 0.1f, 5);
+    w.w2 = random(Layer::views::tensor3("w2", E, H, F), 0.1f, 6);
+    const auto x = random(Layer::matrix("x", T, H), 1.f, 1);
+    const auto dy = random(Layer::matrix("dy", T, H), 1.f, 2);
+    Layer::matrix y("y", T, H);
+    KMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    moe::MoeOptions o;
+    o.top_k = 4;
+    o.gemm = core::GemmAlgo::Cutlass;
+    Layer layer(w, o, space);
+    moe::MoeBackward<bf16, Kokkos::Cuda> g;
+    g.dx = Layer::grad_matrix("dx", T, H);
+    g.grads = moe::uninitialized_like<float>(w);
+    auto step = [&] {
+      layer.forward(x, y);
+      layer.backward(dy, g);
+    };
+    step();  // eager run: the reference (the workspace is allocated here, and CUTLASS' one-time host setup)
+    KMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    ASSERT_STREQ(layer.gemm_engine(), "cutlass");
+    const auto y0 = test::host_bytes(y), dx0 = test::host_bytes(g.dx), dw10 = test::host_bytes(g.grads.w1),
+               dw30 = test::host_bytes(g.grads.w3), dw20 = test::host_bytes(g.grads.w2),
+               dg0 = test::host_bytes(g.grads.router);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    // Relaxed: CUTLASS' initialize() sets the kernel's shared-memory attribute on the host at each launch.
+    KMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+    step();
+    KMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    KMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (const auto& v : {g.dx, g.grads.router}) Kokkos::deep_copy(v, test::nan_value<float>());
+    for (const auto& v : {g.grads.w1, g.grads.w3, g.grads.w2}) Kokkos::deep_copy(v, test::nan_value<float>());
+    Kokkos::deep_copy(y, test::nan_value<bf16>());
+    KMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    KMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    KMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    EXPECT_EQ(test::host_bytes(y), y0);
+    EXPECT_EQ(test::host_bytes(g.dx), dx0);
+    EXPECT_EQ(test::host_bytes(g.grads.w1), dw10);
+    EXPECT_EQ(test::host_bytes(g.grads.w3), dw30);
+    EXPECT_EQ(test::host_bytes(g.grads.w2), dw20);
+    EXPECT_EQ(test::host_bytes(g.grads.router), dg0);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
   cudaStreamDestroy(stream);
 }
 

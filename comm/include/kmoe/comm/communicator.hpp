@@ -2,20 +2,22 @@
 /// \brief The communicator interface behind which kmoe's MPI (CPU ranks, bootstrap) and NCCL (GPU collectives)
 /// backends sit, plus the rule for failing ranks (run_or_abort).
 ///
-/// Buffers passed to the data-moving calls live in the backend's memory: host memory for MpiCommunicator, device memory
-/// for NcclCommunicator (enqueued on its stream; call synchronize() before reading results on the host). Counts,
-/// offsets and the *_host calls always take host memory: they are small, and the NCCL backend routes them through its
-/// MPI bootstrap communicator.
+/// Buffers passed to the data-moving calls live in the backend's memory: host memory for MpiCommunicator (or device
+/// memory for one made with BufferMemory::device), device memory for NcclCommunicator (enqueued on its stream; call
+/// synchronize() before reading results on the host). Counts, offsets, block lists and the *_host calls always take
+/// host memory: they are small, and the NCCL backend routes them through its MPI bootstrap communicator.
 #pragma once
 
 #include <kmoe/config.hpp>
 #include <kmoe/core/bf16.hpp>
 #include <kmoe/core/error.hpp>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 namespace kmoe::comm {
 
@@ -43,6 +45,23 @@ struct data_type_of<std::int64_t> { static constexpr DataType value = DataType::
 template <class T>
 inline constexpr DataType data_type_v = data_type_of<std::remove_cv_t<T>>::value;
 
+/// Where the data buffers of a communicator live (the MPI backend can take either; NCCL always takes device memory).
+enum class BufferMemory { host, device };
+
+/// One contiguous run of rows exchanged with one peer: rows [offset, offset + rows) of a buffer.
+struct RowBlock {
+  int peer = 0;
+  std::int64_t offset = 0;
+  std::int64_t rows = 0;
+};
+
+namespace detail {
+/// Checks a block list at the boundary of alltoallv_blocks: `blocks` is not null when `count` > 0, every peer is in
+/// [0, size), offsets and rows are >= 0. Throws kmoe::UsageError naming `function`, `which` ("sends"/"recvs"), the
+/// index and the value.
+void check_row_blocks(const char* function, const char* which, const RowBlock* blocks, std::size_t count, int size);
+}  // namespace detail
+
 /// A group of ranks that exchange data. Every call is collective over the group unless it says otherwise, and every
 /// vendor call inside is checked (a failure throws kmoe::InternalError naming the call, the library's error string
 /// and file:line).
@@ -59,7 +78,8 @@ class Communicator {
   virtual int size() const = 0;
   /// "mpi" or "nccl". Not collective.
   virtual const char* backend() const = 0;
-  /// True when the data buffers of alltoallv/allreduce_sum/broadcast are device pointers. Not collective.
+  /// True when the data buffers of alltoallv/alltoallv_blocks/allreduce_sum/broadcast are device pointers. Not
+  /// collective.
   virtual bool uses_device_memory() const = 0;
 
   /// Blocks until every rank has entered.
@@ -81,6 +101,22 @@ class Communicator {
   virtual void alltoallv(const void* send, const std::int64_t* send_counts, const std::int64_t* send_offsets,
                          void* recv, const std::int64_t* recv_counts, const std::int64_t* recv_offsets,
                          std::int64_t row_elems, DataType type) = 0;
+
+  /// Block-wise all-to-all: for each sends[i], rows [offset, +rows) of `send` go to sends[i].peer; for each recvs[j],
+  /// rows [offset, +rows) of `recv` are filled from recvs[j].peer. Between one sender and one receiver, the n-th
+  /// non-empty block the sender lists for that peer lands in the n-th non-empty block the receiver lists for the
+  /// sender (same row counts; empty blocks are skipped on both sides). peer may be this rank. Lets a caller receive
+  /// rows straight into an expert-major layout (one block per (peer, expert)) with no unpack pass. Rows of `recv`
+  /// outside every receive block are left untouched.
+  /// Buffers in backend memory, must not overlap. MPI: blocks. NCCL: enqueued on the stream (one ncclGroup).
+  /// \param send      [in]  rows of `row_elems` elements of `type`, in backend memory
+  /// \param sends     [in]  num_sends blocks of `send`, host memory; several per peer allowed, in the order they match
+  /// \param recv      [out] rows of `row_elems` elements of `type`, in backend memory
+  /// \param recvs     [in]  num_recvs blocks of `recv`, host memory; must not overlap each other
+  /// \param row_elems [in]  elements per row (>= 0; the same on every rank; 0 moves nothing)
+  virtual void alltoallv_blocks(const void* send, const RowBlock* sends, std::size_t num_sends, void* recv,
+                                const RowBlock* recvs, std::size_t num_recvs, std::int64_t row_elems,
+                                DataType type) = 0;
 
   /// Sums `count` elements over all ranks, in place, in backend memory. MPI: blocks. NCCL: enqueued on the stream.
   virtual void allreduce_sum(void* data, std::int64_t count, DataType type) = 0;

@@ -14,11 +14,13 @@
 /// ranks every expert GEMM sees its rows in the single-process order.
 #pragma once
 
+#include <kmoe/config.hpp>
 #include <kmoe/comm/alltoall.hpp>
 #include <kmoe/comm/expert_parallel.hpp>
 #include <kmoe/comm/gradients.hpp>
 #include <kmoe/moe/moe_layer.hpp>
 
+#include <memory>
 #include <optional>
 
 namespace kmoe::comm {
@@ -27,6 +29,23 @@ namespace kmoe::comm {
 /// layout.local_experts() (first_expert set accordingly). UsageError when `full` does not hold all the placement's experts.
 template <class T, class ExecSpace>
 moe::MoeWeights<T, ExecSpace> local_slice(const moe::MoeWeights<T, ExecSpace>& full, const ExpertParallel& layout);
+
+/// A GradientSet over the gradients of one block under `layout`: router and shared expert replicated, w1/w3/w2
+/// expert slices (what DistributedMoe::gradient_set returns). The set refers to `g`'s views.
+template <class G, class ExecSpace>
+GradientSet expert_gradient_set(const ExpertParallel& layout, const moe::MoeWeights<G, ExecSpace>& g) {
+  GradientSet set(layout);
+  set.add("router", g.router, GradKind::replicated);
+  set.add("w1", g.w1, GradKind::expert);
+  set.add("w3", g.w3, GradKind::expert);
+  set.add("w2", g.w2, GradKind::expert);
+  if (g.has_shared()) {
+    set.add("shared_w1", g.shared_w1, GradKind::replicated);
+    set.add("shared_w3", g.shared_w3, GradKind::replicated);
+    set.add("shared_w2", g.shared_w2, GradKind::replicated);
+  }
+  return set;
+}
 
 /// One MoE block over an expert-parallel layout. Not thread-safe: forward() saves the context that backward() uses.
 template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
@@ -75,6 +94,71 @@ class DistributedMoe {
   matrix y_rows_;  // expert outputs back on this rank, in the plan's row order
 };
 
+#if KMOE_ENABLE_CUDA
+/// What the row exchanges of DistributedMoe<bf16, Kokkos::Cuda> moved and how long they took, while timed.
+struct ExchangeStats {
+  std::int64_t calls = 0;  ///< exchanges (two per forward, two per backward)
+  double bytes = 0;        ///< bytes this rank sent (its own rows included, as nccl-tests counts them)
+  double seconds = 0;      ///< wall time of the exchanges alone (each starts after a fence, ends when rows are in place)
+};
+
+namespace detail {
+class CommExchange;  // comm/src/cuda_distributed_moe.cpp: moe::ExpertExchange over the ep group's Communicator
+}  // namespace detail
+
+/// Expert parallelism on the bf16 CUDA block: MoeLayer<bf16, Kokkos::Cuda> runs its one composition with an
+/// ExpertExchange over the ep group (moe/cuda/moe_layer.hpp's file comment shows where it sits): the dispatch plan
+/// is built on the device, the counts cross to the host once per forward (one copy of E counts, issued right after the
+/// plan and overlapped with the gather and the shared expert), rows are sent straight from the gather buffer
+/// (destination-major) and received expert-major, so the grouped GEMMs read the receive buffer in place; the outputs
+/// return the same way into the buffer the combine reads, and the backward reuses the same layout. The ep group must
+/// move device memory: NCCL (one GPU per rank), or MPI over device buffers (several ranks sharing one GPU; staged
+/// through the host unless the MPI is CUDA-aware).
+template <>
+class DistributedMoe<bf16, Kokkos::Cuda> {
+ public:
+  using Layer = moe::MoeLayer<bf16, Kokkos::Cuda>;
+  using matrix = Layer::matrix;
+  using const_matrix = Layer::const_matrix;
+
+  /// As the portable DistributedMoe's constructor; UsageError unless the ep group moves device memory.
+  DistributedMoe(const ExpertParallel& layout, moe::MoeWeights<bf16, Kokkos::Cuda> weights, moe::MoeOptions options,
+                 Kokkos::Cuda space = Kokkos::Cuda());
+  ~DistributedMoe();
+  DistributedMoe(DistributedMoe&&) noexcept;
+  DistributedMoe& operator=(DistributedMoe&&) noexcept;
+
+  /// y [T,H] bf16 for this rank's tokens (T may differ between ranks, may be 0). Collective over the ep group;
+  /// enqueued on the layer's stream except the one wait for the count exchange.
+  matrix forward(const_matrix x);
+  /// As forward(x), writing into y ([T,H]).
+  void forward(const_matrix x, matrix y);
+  /// fp32 gradients of L = sum(y * dy), shared out as the portable DistributedMoe's (reduce_gradients makes them
+  /// whole). Collective over the ep group.
+  moe::MoeBackward<bf16, Kokkos::Cuda> backward(const_matrix dy);
+  /// As backward(dy), writing into `out` (all overwritten).
+  void backward(const_matrix dy, const moe::MoeBackward<bf16, Kokkos::Cuda>& out);
+  /// A GradientSet over `grads` (router and shared expert replicated, w1/w3/w2 expert slices).
+  GradientSet gradient_set(const moe::MoeBackward<bf16, Kokkos::Cuda>& grads) const;
+
+  /// Benchmarks: time every row exchange on its own (a fence before each, a wait after: slower, so off by default)
+  /// and collect ExchangeStats; take_exchange_stats() returns and resets them.
+  void time_exchanges(bool on);
+  ExchangeStats take_exchange_stats();
+
+  const Layer& layer() const { return layer_; }
+  const ExpertParallel& layout() const { return *layout_; }
+  /// The last forward()'s routing (as MoeLayer<bf16, Kokkos::Cuda>::routing()).
+  const moe::Routing<bf16, Kokkos::Cuda>& routing() const { return layer_.routing(); }
+
+ private:
+  const ExpertParallel* layout_;
+  Layer layer_;
+  std::unique_ptr<detail::CommExchange> exchange_;
+  const_matrix x_;
+};
+#endif
+
 // ---------------------------------------------------------------------------------------------------------------
 
 template <class T, class ExecSpace>
@@ -112,7 +196,8 @@ DistributedMoe<T, ExecSpace>::DistributedMoe(const ExpertParallel& layout, moe::
                    " keeps its data on the host: run the layer on a device execution space");
   KMOE_CHECK_USAGE(device_comm || host_data, "kmoe::comm::DistributedMoe: the ", layout.ep_group().backend(),
                    " communicator moves host memory, but ", ExecSpace::name(),
-                   " keeps its data on the device: use a host execution space (e.g. --backend openmp) or NCCL");
+                   " keeps its data on the device: use a host execution space (e.g. --backend openmp), NCCL, or an "
+                   "MpiCommunicator made with BufferMemory::device");
   const auto mine = layout.local_experts();
   const auto& w = layer_.weights();
   KMOE_CHECK_INPUT(w.num_experts() == layout.placement().num_experts(), "kmoe::comm::DistributedMoe: the router has ",
@@ -177,18 +262,7 @@ moe::MoeBackward<T, ExecSpace> DistributedMoe<T, ExecSpace>::backward(const_matr
 
 template <class T, class ExecSpace>
 GradientSet DistributedMoe<T, ExecSpace>::gradient_set(const moe::MoeBackward<T, ExecSpace>& b) const {
-  GradientSet set(*layout_);
-  const auto& g = b.grads;
-  set.add("router", g.router, GradKind::replicated);
-  set.add("w1", g.w1, GradKind::expert);
-  set.add("w3", g.w3, GradKind::expert);
-  set.add("w2", g.w2, GradKind::expert);
-  if (g.has_shared()) {
-    set.add("shared_w1", g.shared_w1, GradKind::replicated);
-    set.add("shared_w3", g.shared_w3, GradKind::replicated);
-    set.add("shared_w2", g.shared_w2, GradKind::replicated);
-  }
-  return set;
+  return expert_gradient_set(*layout_, b.grads);
 }
 
 }  // namespace kmoe::comm

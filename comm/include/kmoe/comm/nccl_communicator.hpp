@@ -33,8 +33,8 @@ ncclDataType_t nccl_type(DataType type);
     if (kmoe_nccl_rc_ != ncclSuccess) ::kmoe::comm::detail::throw_nccl_error(kmoe_nccl_rc_, #call, __FILE__, __LINE__); \
   } while (0)
 
-/// A Communicator over an NCCL communicator. Data buffers are device pointers; alltoallv (grouped ncclSend/ncclRecv),
-/// allreduce_sum and broadcast are enqueued on stream() and return without waiting. Counts, *_host calls, barrier,
+/// A Communicator over an NCCL communicator. Data buffers are device pointers; alltoallv and alltoallv_blocks (grouped
+/// ncclSend/ncclRecv), allreduce_sum and broadcast are enqueued on stream() and return without waiting. Counts, *_host calls, barrier,
 /// split and abort go through the MPI bootstrap communicator.
 class NcclCommunicator final : public Communicator {
  public:
@@ -67,6 +67,13 @@ class NcclCommunicator final : public Communicator {
   void alltoallv(const void* send, const std::int64_t* send_counts, const std::int64_t* send_offsets, void* recv,
                  const std::int64_t* recv_counts, const std::int64_t* recv_offsets, std::int64_t row_elems,
                  DataType type) override;
+  /// One ncclGroupStart/End with an ncclSend/ncclRecv per non-empty block to or from another rank (NCCL matches the
+  /// operations of one pair in the order they were issued); self blocks are cudaMemcpyAsync device-to-device on
+  /// stream(), paired in list order (kmoe::UsageError when their row counts differ). Enqueued on stream(), no host
+  /// synchronisation.
+  void alltoallv_blocks(const void* send, const RowBlock* sends, std::size_t num_sends, void* recv,
+                        const RowBlock* recvs, std::size_t num_recvs, std::int64_t row_elems,
+                        DataType type) override;
   void allreduce_sum(void* data, std::int64_t count, DataType type) override;
   void allreduce_sum_host(double* data, std::int64_t count) override { bootstrap_->allreduce_sum_host(data, count); }
   void broadcast(void* data, std::int64_t bytes, int root) override;

@@ -73,6 +73,13 @@ struct MoeOptions {
   /// (kmoe's kernel instead of the vendor library; there is no portable bf16 path: use MoeLayer<float, Kokkos::Cuda>).
   core::GemmAlgo gemm = core::GemmAlgo::Auto;
   std::int64_t tile_rows = core::kScatterTileRows;  ///< Scatter, portable layers: rows per staged tile (CUDA: unused)
+  /// The bf16 CUDA layer's kernel engine: SwiGLU fused into the grouped GEMM epilogues (bit-identical to the separate
+  /// passes, which false selects for comparisons). Library engines (cuBLAS, CUTLASS) always run the separate passes.
+  bool fuse_swiglu = true;
+  /// The bf16 CUDA layer's cuBLAS engine: spread the per-expert GEMMs over this many side streams (1..8), or batch them
+  /// in one grouped call (both measured no faster on the H100; kept for other GPUs: docs/kernels.md).
+  int cublas_streams = 1;
+  bool cublas_grouped = false;
 };
 
 /// Row-major View aliases of a layer computing in T on ExecSpace.

@@ -19,9 +19,12 @@ namespace kmoe::core {
 template <class T>
 using accum_t = std::conditional_t<std::is_same<std::remove_cv_t<T>, double>::value, double, float>;
 
-/// Which GEMM implementation a kernel uses. Auto = the measured-faster one (the BLAS TPL for float/double on host
-/// memory, see docs/kernels.md); Kokkos = kmoe's own portable kernel (parity tests force it).
-enum class GemmAlgo { Auto, Blas, Kokkos };
+/// Which GEMM implementation a kernel uses — the one engine choice of every layer. Auto = the measured-faster one (the
+/// BLAS TPL for float/double on host memory; on the bf16 CUDA layer, CUTLASS or cuBLAS by expert size, see
+/// docs/kernels.md); Blas = the vendor BLAS (KokkosBlas, cuBLAS); Kokkos = kmoe's own kernel (portable, or the
+/// hand-written grouped CUDA kernel of the bf16 layer; parity tests force it); Cutlass = CUTLASS' Hopper grouped
+/// GEMMs (the bf16 CUDA layer only, in builds with KMOE_ENABLE_CUTLASS).
+enum class GemmAlgo { Auto, Blas, Kokkos, Cutlass };
 
 namespace detail {
 

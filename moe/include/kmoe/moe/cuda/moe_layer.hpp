@@ -1,71 +1,54 @@
 /// \file moe_layer.hpp
 /// \brief The CUDA backend of kmoe::moe::MoeLayer (../shared/STYLE.md habit 3): MoeLayer<kmoe::bf16, Kokkos::Cuda>
-/// runs kmoe's hand-written block (<kmoe/core/cuda/kernels.hpp>: moe_forward / moe_backward; bf16 storage, fp32
-/// accumulation) behind the MoeLayer API. Chosen by value type and execution space, like routing_forward's CUDA
-/// overload: MoeLayer<float, Kokkos::Cuda> keeps the portable kernels and is this layer's reference.
-/// <kmoe/moe/moe_layer.hpp> includes this header in CUDA builds.
+/// composes the MoE block once from kmoe's CUDA primitives (routing, device dispatch plan, gather, the grouped expert
+/// MLP, combine; bf16 storage, fp32 accumulation) — for one GPU, and under expert parallelism with an ExpertExchange
+/// that moves the expert rows between ranks (kmoe::comm::DistributedMoe<bf16, Kokkos::Cuda> passes one). Chosen by
+/// value type and execution space, like routing_forward's CUDA overload: MoeLayer<float, Kokkos::Cuda> keeps the
+/// portable kernels and is this layer's reference. <kmoe/moe/moe_layer.hpp> includes this header in CUDA builds.
 ///
-/// Differences from the portable layer, all following from the hand-written block:
+/// The block, forward (backward in reverse):
+///   route        logits = x·Gᵀ, softmax, top-k, renormalise (fused, one warp per token)
+///   plan         pairs grouped by expert on the device (counts, offsets, padded offsets; no host copy)
+///   gather       x's rows in expert order: padded blocks (MegaBlocks), sorted rows (library engines, or the send
+///                buffer of expert parallelism, destination-major); the scattered kernel engine skips it and reads
+///                token rows through the plan (ScatterMoE)
+///   [exchange]   expert parallelism: counts exchanged once (one small device-to-host copy), rows sent straight from
+///                the gather buffer and received expert-major, so the expert GEMMs read the receive buffer in place
+///   expert MLP   grouped GEMMs on the engine options.gemm picks (Auto: measured), SwiGLU fused where it can be
+///   [exchange]   outputs back to the tokens' ranks, into the same buffer layout the combine reads
+///   combine      y = Σ_s w_s · out_s (+ the shared expert, computed first)
+///
+/// Differences from the portable layer, all following from the CUDA block:
 ///   - gradients and routing outputs are fp32 (grad_value_t<bf16> = float);
-///   - forward()/backward() enqueue on space().cuda_stream() and return without waiting (no host synchronisation;
-///     the cuBLAS engine, options.gemm = Blas or Auto on large experts, waits once per forward for the split sizes).
-///     Work on the same space instance, Kokkos::fence() and Kokkos::deep_copy see the results;
-///   - the padded path pads each expert to 128 rows (core::cuda::kGemmTileRows); options.block must divide 128;
-///   - the saved context (routing(), the plan) lives in one device workspace that the next forward() reuses:
-///     routing()'s Views are valid until then. Copies of a layer share that workspace;
-///   - one backward() per forward(): the block's backward reuses the saved activations as its scratch (a second
-///     backward() is an InputError);
-///   - the stages API (expert parallelism) is not implemented yet: calling a stage fails to compile with a message
-///     (docs/comm.md).
+///   - forward()/backward() enqueue on space().cuda_stream() and return without waiting (no host synchronisation on
+///     one GPU; the cuBLAS engine, options.gemm = Blas or Auto on large experts, waits once per forward for the split
+///     sizes; expert parallelism waits once per forward for the count exchange). Work on the same space instance,
+///     Kokkos::fence() and Kokkos::deep_copy see the results;
+///   - the padded path pads each expert to 128 rows; options.block must divide 128;
+///   - the saved context (routing(), the plan) lives in device workspaces that the next forward() reuses: routing()'s
+///     Views are valid until then. Copies of a layer share those workspaces;
+///   - one backward() per forward(): the backward reuses the saved activations as its scratch (a second backward() is
+///     an InputError).
 #pragma once
 
 #include <kmoe/core/bf16.hpp>
-#include <kmoe/core/cuda/kernels.hpp>
+#include <kmoe/moe/cuda/expert_exchange.hpp>
 #include <kmoe/moe/detail/cuda_options.hpp>
 #include <kmoe/moe/moe_layer.hpp>
 
 #include <Kokkos_Core.hpp>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace kmoe::moe {
 
 namespace detail {
-template <class...>
-constexpr bool always_false = false;
-
-/// The raw block's view of a bf16 layer's weights (kernels.hpp's MoeWeights: bf16 bit patterns).
-inline core::cuda::MoeWeights raw_weights(const MoeWeights<bf16, Kokkos::Cuda>& w) {
-  static_assert(sizeof(bf16) == sizeof(core::cuda::bf16_t), "kmoe::bf16 is the bf16 bit pattern");
-  auto bits = [](const bf16* p) { return reinterpret_cast<const core::cuda::bf16_t*>(p); };
-  core::cuda::MoeWeights r;
-  r.gate = bits(w.router.data());
-  r.w1 = bits(w.w1.data());
-  r.w3 = bits(w.w3.data());
-  r.w2 = bits(w.w2.data());
-  r.shared_w1 = bits(w.shared_w1.data());
-  r.shared_w3 = bits(w.shared_w3.data());
-  r.shared_w2 = bits(w.shared_w2.data());
-  return r;
-}
-
-/// The raw block's view of a bf16 layer's gradients (fp32 device tensors, kernels.hpp's MoeGrads).
-inline core::cuda::MoeGrads raw_grads(const MoeBackward<bf16, Kokkos::Cuda>& out) {
-  core::cuda::MoeGrads g;
-  g.dx = out.dx.data();
-  g.d_gate = out.grads.router.data();
-  g.dw1 = out.grads.w1.data();
-  g.dw3 = out.grads.w3.data();
-  g.dw2 = out.grads.w2.data();
-  g.d_shared_w1 = out.grads.shared_w1.data();
-  g.d_shared_w3 = out.grads.shared_w3.data();
-  g.d_shared_w2 = out.grads.shared_w2.data();
-  return g;
-}
+class CudaBlock;  // moe/cuda/moe_layer.cpp: the workspaces and the composition
 }  // namespace detail
 
-/// One MoE block on kmoe's hand-written CUDA kernels. Same API as the portable MoeLayer (moe_layer.hpp) for the
-/// single-process calls; see the file comment for the differences.
+/// One MoE block on kmoe's CUDA kernels. Same API as the portable MoeLayer (moe_layer.hpp) for the single-process
+/// calls, plus the expert-parallel forward/backward; see the file comment for the differences.
 template <>
 class MoeLayer<bf16, Kokkos::Cuda> {
  public:
@@ -76,11 +59,12 @@ class MoeLayer<bf16, Kokkos::Cuda> {
   /// The kernels this layer runs.
   static constexpr LayerBackend backend = LayerBackend::Cuda;
 
-  /// \param weights [in] bf16 parameters in CudaSpace (shared, not copied; contiguous); InputError on inconsistent
-  ///                shapes, hidden/ffn/shared ffn not multiples of 8, more than 256 experts or top_k > 32
-  /// \param options [in] top_k; impl Scatter/Padded -> the block's scattered/padded path; gemm Auto/Blas/Kokkos ->
-  ///                engine Auto (CUTLASS on small experts when built, else cuBLAS/kernel by size)/cuBLAS/kmoe's kernel;
-  ///                UsageError when block does not divide 128
+  /// \param weights [in] bf16 parameters in CudaSpace (shared, not copied; contiguous): all experts, or under expert
+  ///                parallelism the slice [first_expert, +num_local_experts); InputError on inconsistent shapes,
+  ///                hidden/ffn/shared ffn not multiples of 8, more than 256 experts or top_k > 32
+  /// \param options [in] top_k; impl Scatter/Padded; gemm Auto/Blas/Kokkos/Cutlass -> engine Auto (CUTLASS on small
+  ///                experts when built, else cuBLAS/kmoe's kernel by size)/cuBLAS/kmoe's grouped kernel/CUTLASS;
+  ///                fuse_swiglu, cublas_streams, cublas_grouped; UsageError when block does not divide 128
   /// \param space   [in] the instance whose stream all work is enqueued on
   MoeLayer(MoeWeights<bf16, Kokkos::Cuda> weights, MoeOptions options, Kokkos::Cuda space = Kokkos::Cuda());
 
@@ -97,6 +81,26 @@ class MoeLayer<bf16, Kokkos::Cuda> {
   MoeBackward<bf16, Kokkos::Cuda> backward(const_matrix dy);
   /// As backward(dy), writing into `out` (dx [T,H] and tensors shaped like the weights; all overwritten).
   void backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out);
+
+  /// Expert weight gradients stored in bf16 (shaped like w1, w3, w2): what a bf16 PyTorch module's .grad holds. The
+  /// GEMMs accumulate in fp32 either way; only the stored result is rounded, which halves the bytes the weight-gradient
+  /// GEMMs write (Mixtral-8x7B layer: 5.6 -> 2.8 GB per step, perf/NOTES.md).
+  struct Bf16ExpertGrads {
+    views::tensor3 w1, w3, w2;
+  };
+  /// As backward(dy, out), with the expert weight gradients written to `expert_grads` in bf16; out.grads.w1/w3/w2
+  /// are not touched and may be empty.
+  void backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out, const Bf16ExpertGrads& expert_grads);
+
+  /// Expert parallelism: the same block with `exchange` moving rows between the ep group's ranks; this layer holds
+  /// its rank's expert slice and routes its own tokens (T may differ between ranks, may be 0). Collective over the
+  /// group; waits once for the count exchange. kmoe::comm::DistributedMoe<bf16, Kokkos::Cuda> calls these.
+  /// \param exchange [in] must stay alive until the matching backward has returned
+  void forward(const_matrix x, matrix y, ExpertExchange& exchange);
+  /// Gradients for the last forward(x, y, exchange): dx for this rank's tokens, the router and shared expert from
+  /// them, the local experts' gradients from every rank's rows routed to them. Collective over the group.
+  void backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out, ExpertExchange& exchange);
+
   /// The last forward()'s routing: logits, probs, topk_idx, topk_weight (fp32, device) and the plan (device arrays;
   /// plan.block = 128). The first call after a forward() copies the plan's counts and offsets to the host (one
   /// small device-to-host copy and a wait), so a forward that nobody asks about never waits for them.
@@ -105,56 +109,29 @@ class MoeLayer<bf16, Kokkos::Cuda> {
   grad_matrix router_logits() const { return routing_.logits; }
   /// The last forward()'s tokens per expert (copied to the host on first request, as routing()).
   const std::vector<std::int64_t>& expert_counts() const { return routing().expert_counts(); }
-  /// The engine the last forward() ran the expert GEMMs on: true = cuBLAS, false = kmoe's grouped kernel.
-  bool used_cublas() const;
+  /// The engine the last forward() ran the routed experts' GEMMs on: "kernel", "cublas" or "cutlass" ("" before one).
+  const char* gemm_engine() const;
+  /// Device bytes the layer holds for the saved activations, the plan and the backward's scratch (its workspaces).
+  std::size_t workspace_bytes() const;
   /// Name of the profiling region forward() pushes, e.g. "kmoe::moe::forward[cuda,scattered]".
   const char* forward_region() const;
 
-  // ---- stages: not yet for bf16 on CUDA (docs/comm.md). Each fails to compile with this message if called. ----
-  template <class... A>
-  void route(A&&...) const { stages_not_implemented<A...>(); }
-  template <class... A>
-  void route_backward(A&&...) const { stages_not_implemented<A...>(); }
-  template <class... A>
-  void dispatch(A&&...) const { stages_not_implemented<A...>(); }
-  template <class... A>
-  void dispatch_backward(A&&...) const { stages_not_implemented<A...>(); }
-  template <class... A>
-  void expert_forward(A&&...) const { stages_not_implemented<A...>(); }
-  template <class... A>
-  void expert_backward(A&&...) const { stages_not_implemented<A...>(); }
-  template <class... A>
-  void combine(A&&...) const { stages_not_implemented<A...>(); }
-  template <class... A>
-  void combine_backward(A&&...) const { stages_not_implemented<A...>(); }
-  template <class... A>
-  void shared_forward(A&&...) const { stages_not_implemented<A...>(); }
-  template <class... A>
-  void shared_backward(A&&...) const { stages_not_implemented<A...>(); }
-
  private:
-  template <class... A>
-  static void stages_not_implemented() {
-    static_assert(detail::always_false<A...>,
-                  "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>: the stages API (route/dispatch/expert_forward/combine, "
-                  "used by expert parallelism) is not implemented for the hand-written bf16 CUDA block yet; use "
-                  "MoeLayer<float, Kokkos::Cuda> (the portable kernels) for stages (docs/comm.md)");
-  }
+  void forward_impl(const_matrix x, matrix y, ExpertExchange* exchange);
+  void backward_impl(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out, ExpertExchange* exchange,
+                     const Bf16ExpertGrads* expert_grads);
   /// Fills routing_'s Views (unmanaged, over the workspace) after a forward.
   void expose_routing();
 
   MoeWeights<bf16, Kokkos::Cuda> weights_;
   MoeOptions options_;
   Kokkos::Cuda space_;
-  detail::CudaBlockOptions block_;
-  core::cuda::MoeShape shape_;                // of the last forward (tokens change per call)
-  Kokkos::View<unsigned char*, Kokkos::CudaSpace> workspace_;  // moe_workspace_bytes, grown when a shape needs more
-  core::cuda::MoeSaved saved_;                // the last forward's context, carved from workspace_
+  std::shared_ptr<detail::CudaBlock> block_;
   const_matrix x_;
   mutable Routing<bf16, Kokkos::Cuda> routing_;
   mutable bool plan_on_host_ = false;
   bool have_forward_ = false;
-  bool saved_consumed_ = false;  // a backward() reused the saved activations as scratch (kernels.hpp, moe_backward)
+  bool forward_exchanged_ = false;  // the last forward ran with an ExpertExchange
 };
 
 }  // namespace kmoe::moe

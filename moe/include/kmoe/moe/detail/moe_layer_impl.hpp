@@ -6,6 +6,7 @@
 #include <kmoe/core/routing.hpp>
 
 #include <string>
+#include <typeinfo>
 #include <utility>
 
 namespace kmoe::moe {
@@ -104,6 +105,9 @@ template <class T, class ExecSpace>
 MoeLayer<T, ExecSpace>::MoeLayer(MoeWeights<T, ExecSpace> weights, MoeOptions options, ExecSpace space)
     : weights_(std::move(weights)), options_(options), space_(space) {
   detail::check_layer_arguments(weights_, options_);
+  KMOE_CHECK_USAGE(options_.gemm != core::GemmAlgo::Cutlass, "kmoe::moe::MoeLayer<", typeid(T).name(),
+                   ">: the CUTLASS engine runs only in the bf16 CUDA layer (MoeLayer<bf16, Kokkos::Cuda>); use Auto, "
+                   "Blas or Kokkos");
 }
 
 template <class T, class ExecSpace>

@@ -6,8 +6,9 @@
 /// Conventions. Every pointer is device memory, row-major. bf16 tensors are passed as their 16-bit patterns
 /// (bf16_t = kmoe::bf16 = __nv_bfloat16 layout). T tokens, H hidden, F expert ffn, E experts, k slots per token;
 /// pair p = t*k + s names slot s of token t, P = T*k pairs. Every function only enqueues work on `stream` and returns
-/// without waiting, unless its comment says it blocks; none needs the host to learn split sizes (no host sync), except
-/// moe_forward with GemmEngine::Cublas, which copies the E+1 group offsets to the host once.
+/// without waiting, unless its comment says it blocks; none needs the host to learn split sizes (no host sync) — the
+/// cuBLAS engine takes them from the caller. The MoE block is composed from these primitives in moe/
+/// (MoeLayer<bf16, Kokkos::Cuda>, DistributedMoe<bf16, Kokkos::Cuda>); this header is internal (not installed).
 /// Errors in arguments throw kmoe::InputError; failed CUDA calls throw kmoe::InternalError (check.hpp).
 #pragma once
 
@@ -189,108 +190,86 @@ void swiglu_forward(const bf16_t* h13, std::int64_t rows, std::int64_t ffn, bf16
 void swiglu_backward(const bf16_t* h13, const bf16_t* d_act, std::int64_t rows, std::int64_t ffn, bf16_t* dh13,
                      cudaStream_t stream);
 
-// ---- the MoE block ----------------------------------------------------------------------------------------------
+// ---- the expert MLP: the stage between dispatch and combine ----------------------------------------------------
 
-/// How expert rows are laid out. Scattered (ScatterMoE): GEMMs read token rows through the plan and write results in
-/// pair order, no padded copy. Padded (MegaBlocks): rows gathered into per-expert blocks padded to kGemmTileRows.
-enum class MoePath { Scattered, Padded };
-
-/// Which engine runs the expert GEMMs. Kernel: kmoe's grouped kernel, split sizes stay on the device (no host sync).
-/// Cublas: cublasGemmEx per expert, which needs the split sizes on the host (one device-to-host copy of E+1 offsets
-/// and a stream synchronisation per forward; the backward reuses them); the scattered layout then gathers x into
-/// expert order first. Cutlass: CUTLASS 4.2 Hopper grouped GEMMs, one launch per GEMM operation, per-group sizes
-/// written on the device (<kmoe/core/cuda/cutlass_grouped.hpp>; no host sync, so the block is capturable); needs a
-/// build with KMOE_ENABLE_CUTLASS and an sm_90 device (UsageError otherwise); gathers x like Cublas.
-/// Auto, measured on the H100 (perf/RESULTS.md, CUTLASS section; docs/kernels.md): with CUTLASS, Cutlass unless one
-/// expert's GEMMs are large (average rows per expert × F × H >= kCublasMinExpertWork), then Cublas — per-expert
-/// cublasGemmEx is host-launch-bound on small experts (fine-grained H=2048 F=768 E=64 k=8 T=8192, 1.6e9: CUTLASS
-/// 4.97 ms vs cuBLAS 7.41 ms per forward+backward, same run) and 1-3% faster on large ones (Mixtral T=2048, 3.0e10:
-/// 8.66 vs 8.83 ms; T=8192: 27.66 vs 28.61 ms, CUTLASS' fp32 weight-gradient GEMM). Without CUTLASS: Cublas when
-/// experts average at least 512 rows, else Kernel (cuBLAS ~5x faster than kmoe's kernel on large experts, the kernel
-/// ~2x faster on small ones). These were measured before SwiGLU fusion, workspace aliasing and bf16 gradients (main).
-/// A CUDA graph can capture the block only with Kernel or Cutlass (Cublas synchronises with the host).
+/// Which engine runs the expert GEMMs. Kernel: kmoe's grouped kernel (reads and writes rows through an index, SwiGLU
+/// fused into its epilogues; split sizes stay on the device). Cublas: cublasGemmEx per expert, which needs the split
+/// sizes on the host (the caller copies them; unindexed rows). Cutlass: CUTLASS 4.2 Hopper grouped GEMMs, one launch
+/// per GEMM operation, per-group sizes written on the device (<kmoe/core/cuda/cutlass_grouped.hpp>; no host sync;
+/// unindexed rows); needs a build with KMOE_ENABLE_CUTLASS and an sm_90 device (UsageError otherwise).
+/// Auto (resolve_gemm_engine), measured on the H100 (perf/RESULTS.md, CUTLASS section; docs/kernels.md): with CUTLASS,
+/// Cutlass unless one expert's GEMMs are large (average rows per expert × F × H >= kCublasMinExpertWork), then Cublas
+/// — per-expert cublasGemmEx is host-launch-bound on small experts (fine-grained H=2048 F=768 E=64 k=8 T=8192:
+/// CUTLASS 4.97 ms vs cuBLAS 7.41 ms per forward+backward, same run) and 1-3% faster on large ones (Mixtral T=2048:
+/// 8.66 vs 8.83 ms; T=8192: 27.66 vs 28.61 ms). Without CUTLASS: Cublas when experts average at least 512 rows, else
+/// Kernel. A CUDA graph can capture the block only with Kernel or Cutlass (Cublas synchronises with the host).
 enum class GemmEngine { Auto, Kernel, Cublas, Cutlass };
 /// Auto's boundary between the CUTLASS and cuBLAS engines: average rows per expert × F × H (between the fine-grained
 /// 1.6e9, where CUTLASS is 1.5-1.9x faster, and Mixtral T=2048's 3.0e10, where cuBLAS is 1-3% faster).
 inline constexpr double kCublasMinExpertWork = 8e9;
 
-struct MoeShape {
-  std::int64_t tokens = 0;
-  int hidden = 0, ffn = 0, experts = 0, k = 0;
-  int shared_ffn = 0;  ///< S of the shared expert (GraniteMoeShared); 0 = none
+/// The engine that runs for `requested` on experts averaging `rows_per_expert` rows of an F×H MLP: Auto picks as
+/// GemmEngine's comment says; UsageError when Cutlass is requested but not built or not on an sm_90 device.
+GemmEngine resolve_gemm_engine(GemmEngine requested, std::int64_t rows_per_expert, int ffn, int hidden);
+
+/// How the cuBLAS engine issues its per-expert GEMMs. streams > 1 spreads the experts over that many side streams
+/// (1..8; an experiment for small experts: on the H100 it changed the fine-grained block by less than the run-to-run
+/// spread, perf/NOTES.md); grouped batches all experts of one GEMM into one cublasGemmGroupedBatchedEx (measured
+/// slower: cuBLAS's grouped kernels run at about half the per-expert rate, fine-grained 7.4 -> 7.8 ms, Mixtral 27.7
+/// -> 52.9 ms). Defaults: one stream, per-expert calls.
+struct CublasSettings {
+  int streams = 1;
+  bool grouped = false;
 };
 
-/// The block's parameters (bf16): router G [E,H], W1/W3 [E,F,H], W2 [E,H,F]; shared expert Ws1/Ws3 [S,H], Ws2 [H,S].
-struct MoeWeights {
-  const bf16_t* gate = nullptr;
+/// A grouped SwiGLU expert MLP: groups of rows, group g (expert g) owning rows [offsets[g], offsets[g+1]), each
+/// computing out = W2_g (silu(W1_g x) * W3_g x). Weights bf16: W1/W3 [G,F,H], W2 [G,H,F]. The routed experts and the
+/// shared expert (one group, offsets nullptr) both run through it.
+struct ExpertMlp {
+  int groups = 1;
+  std::int64_t rows = 0;  ///< upper bound on offsets[groups] (the grid is sized by it); the rows when ungrouped
+  int hidden = 0, ffn = 0;
+  const std::int64_t* offsets = nullptr;       ///< [groups+1] device (nullptr: one group of `rows` rows)
+  const std::int64_t* tile_offsets = nullptr;  ///< [groups+1] device: prefix of ceil(rows_g / kGemmTileRows) (Kernel)
+  const std::vector<std::int64_t>* host_offsets = nullptr;  ///< [groups+1] host (Cublas only)
+  GemmEngine engine = GemmEngine::Kernel;  ///< resolved: Kernel, Cublas or Cutlass
+  bool fuse_swiglu = true;                 ///< Kernel engine: SwiGLU in the GEMM epilogues (bit-identical results)
+  CublasSettings cublas;                   ///< Cublas engine
+  void* cutlass_work = nullptr;            ///< Cutlass engine: cutlass_grouped_workspace_bytes(groups) device bytes
+  /// Kernel engine only: row r of the MLP reads x row row_index[r] / row_div and writes its output (out, dx_rows)
+  /// to row row_index[r] (ScatterMoE: token rows read through the dispatch plan, results in pair order). nullptr:
+  /// rows in group order.
+  const std::int64_t* row_index = nullptr;
+  int row_div = 1;
   const bf16_t* w1 = nullptr;
   const bf16_t* w3 = nullptr;
   const bf16_t* w2 = nullptr;
-  const bf16_t* shared_w1 = nullptr;
-  const bf16_t* shared_w3 = nullptr;
-  const bf16_t* shared_w2 = nullptr;
 };
 
-/// false when the environment sets KMOE_FUSED_SWIGLU=0 (the separate SwiGLU passes, for comparisons), else true.
-bool fused_swiglu_default();
+/// Forward: h13 = x·[W1;W3]ᵀ [rows,2F] and act = silu(h1)·h3 [rows,F] (both kept for the backward), out = act·W2ᵀ
+/// [rows,H] bf16 (through row_index when set).
+void expert_mlp_forward(const ExpertMlp& m, const bf16_t* x, bf16_t* h13, bf16_t* act, bf16_t* out,
+                        cudaStream_t stream);
 
-/// What the forward keeps for the backward, and the plan; carved from one workspace buffer.
-struct MoeSaved {
-  MoeShape shape;
-  MoePath path = MoePath::Scattered;
-  DispatchPlan plan;
-  float* logits = nullptr;        ///< [T,E]
-  float* probs = nullptr;         ///< [T,E]
-  std::int64_t* topk_idx = nullptr;  ///< [T,k]
-  float* topk_weight = nullptr;   ///< [T,k]
-  bf16_t* h13 = nullptr;          ///< [R,2F] R = P (scattered) or padded_capacity
-  bf16_t* act = nullptr;          ///< [R,F]
-  bf16_t* out = nullptr;          ///< [R,H] unweighted expert outputs (pair order when scattered)
-  bf16_t* xg = nullptr;           ///< [R,H] x gathered in expert order (padded path; scattered with Cublas)
-  GemmEngine engine = GemmEngine::Auto;  ///< requested engine (set before moe_forward)
-  /// SwiGLU fused into the kernel engine's GEMM epilogues (GemmEpilogue), used by the routed experts on the kernel
-  /// engine and by the shared expert; the cuBLAS and CUTLASS engines always run the separate passes. Defaults to
-  /// fused_swiglu_default(); false keeps the separate passes (for comparisons).
-  bool fuse_swiglu = fused_swiglu_default();
-  bool cublas = false;                   ///< the engine moe_forward used: cuBLAS ...
-  bool cutlass = false;                  ///< ... or CUTLASS (neither: the kernel)
-  void* cutlass_work = nullptr;          ///< the CUTLASS engine's per-group arrays (carved; KMOE_ENABLE_CUTLASS only)
-  std::vector<std::int64_t> host_offsets;  ///< [E+1] row offsets of the GEMM groups (Cublas only)
-  bf16_t* shared_h13 = nullptr;   ///< [T,2S] shared expert pre-activations (S > 0 only)
-  bf16_t* shared_act = nullptr;   ///< [T,S]
-  void* scratch = nullptr;        ///< backward scratch (small: the [R,·] tensors reuse the buffers above)
-  std::size_t scratch_bytes = 0;
+/// The expert MLP's gradients. Weight gradients fp32 (dw*) or bf16 (dw*_bf16: what a bf16 PyTorch module's .grad holds;
+/// the GEMMs accumulate in fp32 either way): exactly one of each pair. The input gradient goes to dx_rows [rows,H] bf16
+/// (through row_index when set) or is added to dx_f32 [rows,H] fp32 (ungrouped only: the shared expert).
+struct ExpertMlpGrads {
+  float* dw1 = nullptr;
+  float* dw3 = nullptr;
+  float* dw2 = nullptr;
+  bf16_t* dw1_bf16 = nullptr;
+  bf16_t* dw3_bf16 = nullptr;
+  bf16_t* dw2_bf16 = nullptr;
+  bf16_t* dx_rows = nullptr;
+  float* dx_f32 = nullptr;
 };
 
-/// Bytes of workspace moe_forward + moe_backward need for this shape and path.
-std::size_t moe_workspace_bytes(const MoeShape& shape, MoePath path);
-/// Lays out a MoeSaved in `workspace` (moe_workspace_bytes long). Does not touch the device.
-MoeSaved moe_carve(void* workspace, const MoeShape& shape, MoePath path);
-
-/// y [T,H] bf16 = sum_s w_s * W2_e (silu(W1_e x) * W3_e x) [+ Ws2 (silu(Ws1 x) * Ws3 x)] with top-k softmax
-/// routing. Enqueued on stream.
-void moe_forward(const bf16_t* x, const MoeWeights& w, MoeSaved& saved, bf16_t* y, cudaStream_t stream);
-
-/// Gradients of L = <y, dy> (all overwritten). The expert weight gradients come in fp32 (dw1/dw3/dw2) or bf16
-/// (dw1_bf16/...: what a bf16 PyTorch module's .grad holds; the GEMMs still accumulate in fp32, only the stored
-/// result is rounded; every engine): set exactly one of each pair. bf16 halves the bytes the weight-gradient GEMMs write
-/// (Mixtral-8x7B layer: 5.6 -> 2.8 GB per step, perf/NOTES.md).
-struct MoeGrads {
-  float* dx = nullptr;      ///< [T,H]
-  float* d_gate = nullptr;  ///< [E,H]
-  float* dw1 = nullptr;     ///< [E,F,H]
-  float* dw3 = nullptr;     ///< [E,F,H]
-  float* dw2 = nullptr;     ///< [E,H,F]
-  bf16_t* dw1_bf16 = nullptr;  ///< [E,F,H] instead of dw1
-  bf16_t* dw3_bf16 = nullptr;  ///< [E,F,H] instead of dw3
-  bf16_t* dw2_bf16 = nullptr;  ///< [E,H,F] instead of dw2
-  float* d_shared_w1 = nullptr;  ///< [S,H] (S > 0 only)
-  float* d_shared_w3 = nullptr;  ///< [S,H]
-  float* d_shared_w2 = nullptr;  ///< [H,S]
-};
-/// Consumes `saved`: the backward's [R,·] intermediates reuse the forward's saved buffers (h13, act, out, xg) as
-/// each dies, so a forward's MoeSaved serves exactly one backward (run moe_forward again before another backward).
-void moe_backward(const bf16_t* x, const MoeWeights& w, const MoeSaved& saved, const bf16_t* dy, const MoeGrads& g,
-                  cudaStream_t stream);
+/// Backward from d_out [rows,H] bf16 (group order): dW2 = d_outᵀ·act, d_act = d_out·W2 -> dh13 (SwiGLU backward),
+/// d[W1;W3] = dh13ᵀ·x, dx = dh13·[W1;W3]. Consumes the forward's saved buffers: act becomes d_act and h13 becomes
+/// dh13 (in place), so one forward serves one backward. dx_rows may alias x (x is read before dx_rows is written).
+/// An empty group gets zero weight gradients.
+void expert_mlp_backward(const ExpertMlp& m, const bf16_t* x, bf16_t* h13, bf16_t* act, const bf16_t* d_out,
+                         const ExpertMlpGrads& g, cudaStream_t stream);
 
 }  // namespace kmoe::core::cuda
