@@ -31,16 +31,64 @@ detail::json read_json_file(const std::filesystem::path& path) {
   }
 }
 
-std::int64_t config_int(const detail::json& j, const std::string& key, const std::filesystem::path& path,
-                        bool required) {
-  const auto it = j.find(key);
-  if (it == j.end() || it->is_null()) {
-    KMOE_CHECK_INPUT(!required, path.string(), ": missing \"", key, "\"");
-    return 0;
+/// The first of `keys` present (and not null) in `j`, or end().
+detail::json::const_iterator find_key(const detail::json& j, const std::vector<std::string>& keys) {
+  for (const auto& k : keys)
+    if (const auto it = j.find(k); it != j.end() && !it->is_null()) return it;
+  return j.end();
+}
+
+/// "a" or "a" (or "b")
+std::string key_text(const std::vector<std::string>& keys) {
+  std::string s;
+  for (std::size_t i = 0; i < keys.size(); ++i) s += (i ? " (or \"" : "\"") + keys[i] + (i ? "\")" : "\"");
+  return s;
+}
+
+std::int64_t config_int(const detail::json& j, const std::vector<std::string>& keys,
+                        const std::filesystem::path& path, bool required, std::int64_t fallback = 0) {
+  const auto it = find_key(j, keys);
+  if (it == j.end()) {
+    KMOE_CHECK_INPUT(!required, path.string(), ": missing ", key_text(keys));
+    return fallback;
   }
-  KMOE_CHECK_INPUT(it->is_number_integer() && it->get<std::int64_t>() >= 0, path.string(), ": \"", key,
+  KMOE_CHECK_INPUT(it->is_number_integer() && it->get<std::int64_t>() >= 0, path.string(), ": \"", it.key(),
                    "\" must be a non-negative integer, got ", it->dump());
   return it->get<std::int64_t>();
+}
+
+std::int64_t config_int(const detail::json& j, const std::string& key, const std::filesystem::path& path,
+                        bool required, std::int64_t fallback = 0) {
+  return config_int(j, std::vector<std::string>{key}, path, required, fallback);
+}
+
+double config_double(const detail::json& j, const std::string& key, const std::filesystem::path& path,
+                     double fallback) {
+  const auto it = j.find(key);
+  if (key.empty() || it == j.end() || it->is_null()) return fallback;
+  KMOE_CHECK_INPUT(it->is_number(), path.string(), ": \"", key, "\" must be a number, got ", it->dump());
+  return it->get<double>();
+}
+
+bool config_bool(const detail::json& j, const std::string& key, const std::filesystem::path& path, bool fallback) {
+  const auto it = j.find(key);
+  if (key.empty() || it == j.end() || it->is_null()) return fallback;
+  KMOE_CHECK_INPUT(it->is_boolean(), path.string(), ": \"", key, "\" must be true or false, got ", it->dump());
+  return it->get<bool>();
+}
+
+std::vector<int> config_int_list(const detail::json& j, const std::string& key, const std::filesystem::path& path) {
+  const auto it = j.find(key);
+  if (key.empty() || it == j.end() || it->is_null()) return {};
+  bool ok = it->is_array();
+  std::vector<int> out;
+  if (ok)
+    for (const auto& v : *it) {
+      ok = ok && v.is_number_integer() && v.get<std::int64_t>() >= 0 && v.get<std::int64_t>() < (1 << 30);
+      if (ok) out.push_back(v.get<int>());
+    }
+  KMOE_CHECK_INPUT(ok, path.string(), ": \"", key, "\" must be a list of layer indices, got ", it->dump());
+  return out;
 }
 
 std::string config_string(const detail::json& j, const std::string& key, const std::filesystem::path& path) {
@@ -48,6 +96,48 @@ std::string config_string(const detail::json& j, const std::string& key, const s
   if (it == j.end() || it->is_null()) return "";
   KMOE_CHECK_INPUT(it->is_string(), path.string(), ": \"", key, "\" must be a string, got ", it->dump());
   return it->get<std::string>();
+}
+
+/// The architecture's routing with the config's values; checked against E and k, naming the keys.
+core::RoutingOptions config_routing(const detail::json& j, const ModelSpec& spec, const ModelConfig& c,
+                                    const std::filesystem::path& path) {
+  core::RoutingOptions r = spec.routing;
+  r.renormalize = config_bool(j, spec.renormalize_key, path, r.renormalize);
+  if (!spec.n_group_key.empty()) r.n_group = config_int(j, spec.n_group_key, path, false, r.n_group);
+  if (!spec.topk_group_key.empty()) r.topk_group = config_int(j, spec.topk_group_key, path, false, r.topk_group);
+  if (!spec.group_score_topk_key.empty())
+    r.group_score_topk = config_int(j, spec.group_score_topk_key, path, false, r.group_score_topk);
+  r.scaling_factor = config_double(j, spec.scaling_key, path, r.scaling_factor);
+  const std::string ng = spec.n_group_key.empty() ? "n_group" : spec.n_group_key;
+  const std::string tg = spec.topk_group_key.empty() ? "topk_group" : spec.topk_group_key;
+  KMOE_CHECK_INPUT(r.n_group >= 1 && r.n_group <= 64 && c.num_experts % r.n_group == 0, path.string(), ": \"", ng,
+                   "\" = ", r.n_group, " must be in [1, 64] and divide the ", c.num_experts, " experts");
+  if (r.n_group > 1) {
+    const std::int64_t size = c.num_experts / r.n_group;
+    KMOE_CHECK_INPUT(r.topk_group >= 1 && r.topk_group <= r.n_group, path.string(), ": \"", tg, "\" = ",
+                     r.topk_group, " must be in [1, ", ng, " = ", r.n_group, "]");
+    KMOE_CHECK_INPUT(r.group_score_topk >= 1 && r.group_score_topk <= size, path.string(), ": a group of ", size,
+                     " experts cannot score its top ", r.group_score_topk, " (\"", ng, "\" = ", r.n_group, ")");
+    KMOE_CHECK_INPUT(c.top_k <= r.topk_group * size, path.string(), ": top_k = ", c.top_k, " exceeds the ",
+                     r.topk_group * size, " experts of the ", tg, " = ", r.topk_group, " kept groups");
+  }
+  KMOE_CHECK_INPUT(r.scaling_factor == r.scaling_factor && r.scaling_factor != 0, path.string(), ": \"",
+                   spec.scaling_key, "\" = ", r.scaling_factor, " must be a non-zero number");
+  return r;
+}
+
+/// The layers the config makes MoE (see ModelSpec::first_dense_key).
+std::vector<int> config_moe_layers(const detail::json& j, const ModelSpec& spec, std::int64_t num_layers,
+                                   const std::filesystem::path& path) {
+  const std::int64_t first_dense = spec.first_dense_key.empty() ? 0 : config_int(j, spec.first_dense_key, path, false);
+  std::int64_t step = spec.sparse_step_key.empty() ? 1 : config_int(j, spec.sparse_step_key, path, false, 1);
+  KMOE_CHECK_INPUT(step >= 1, path.string(), ": \"", spec.sparse_step_key, "\" must be positive, got ", step);
+  const std::vector<int> dense = config_int_list(j, spec.mlp_only_key, path);
+  std::vector<int> out;
+  for (int l = 0; l < num_layers; ++l)
+    if (l >= first_dense && (l + 1) % step == 0 && std::find(dense.begin(), dense.end(), l) == dense.end())
+      out.push_back(l);
+  return out;
 }
 
 /// A shard name from the index must stay inside the checkpoint directory.
@@ -77,22 +167,36 @@ ModelConfig read_model_config(const std::filesystem::path& config_json) {
   // An architecture with a spec must have every field its MoE layers need; any other still reads, for inspection.
   const ModelSpec* spec = find_spec(c.architecture);
   const bool req = spec != nullptr;
+  const ModelSpec plain;  // the default key names
+  const ModelSpec& keys = spec ? *spec : plain;
   c.hidden_size = config_int(j, "hidden_size", config_json, req);
   c.num_layers = config_int(j, "num_hidden_layers", config_json, req);
-  c.intermediate_size = config_int(j, spec ? spec->intermediate_key : "intermediate_size", config_json, req);
-  c.num_experts = config_int(j, spec ? spec->num_experts_key : "num_local_experts", config_json, req);
-  c.top_k = config_int(j, spec ? spec->top_k_key : "num_experts_per_tok", config_json, req);
-  if (!spec || !spec->shared_intermediate_key.empty())
-    c.shared_intermediate_size =
-        config_int(j, spec ? spec->shared_intermediate_key : "shared_intermediate_size", config_json, req);
+  c.intermediate_size = config_int(j, keys.intermediate_keys, config_json, req);
+  c.num_experts = config_int(j, keys.num_experts_keys, config_json, req);
+  c.top_k = config_int(j, keys.top_k_keys, config_json, req);
+  if (!spec) {
+    c.shared_intermediate_size = config_int(j, "shared_intermediate_size", config_json, false);
+  } else if (!spec->shared_intermediate_keys.empty()) {
+    c.shared_intermediate_size = config_int(j, spec->shared_intermediate_keys, config_json, true);
+  } else if (!spec->shared_count_key.empty()) {
+    c.shared_intermediate_size = c.intermediate_size * config_int(j, spec->shared_count_key, config_json, false);
+  }
+  if (const auto lt = j.find("layer_types"); lt != j.end() && lt->is_array())
+    for (const auto& v : *lt) c.layer_types.push_back(v.is_string() ? v.get<std::string>() : v.dump());
   if (spec) {
+    const std::string ik = key_text(spec->intermediate_keys), ek = key_text(spec->num_experts_keys);
     KMOE_CHECK_INPUT(c.hidden_size > 0 && c.intermediate_size > 0 && c.num_experts > 0 && c.num_layers > 0,
-                     config_json.string(), ": hidden_size, ", spec->intermediate_key, ", ", spec->num_experts_key,
+                     config_json.string(), ": hidden_size, ", ik, ", ", ek,
                      " and num_hidden_layers must be positive");
-    KMOE_CHECK_INPUT(c.top_k >= 1 && c.top_k <= c.num_experts, config_json.string(), ": ", spec->top_k_key, " = ",
-                     c.top_k, " must be in [1, ", spec->num_experts_key, " = ", c.num_experts, "]");
+    KMOE_CHECK_INPUT(c.top_k >= 1 && c.top_k <= c.num_experts, config_json.string(), ": ",
+                     key_text(spec->top_k_keys), " = ", c.top_k, " must be in [1, ", ek, " = ", c.num_experts, "]");
     KMOE_CHECK_INPUT(!spec->has_shared_expert() || c.shared_intermediate_size > 0, config_json.string(), ": ",
-                     spec->shared_intermediate_key, " must be positive for ", spec->architecture);
+                     spec->shared_intermediate_keys.empty() ? "\"" + spec->shared_count_key + "\""
+                                                            : key_text(spec->shared_intermediate_keys),
+                     " must be positive for ", spec->architecture);
+    c.routing = config_routing(j, *spec, c, config_json);
+    c.moe_layers = config_moe_layers(j, *spec, c.num_layers, config_json);
+    if (!spec->swiglu_limit_key.empty()) c.swiglu_limit = config_double(j, spec->swiglu_limit_key, config_json, 7.0);
   }
   return c;
 }
@@ -208,7 +312,8 @@ void write_index_json(const std::filesystem::path& path, const std::vector<Shard
 }
 
 void write_checkpoint_tensors(const std::filesystem::path& dir, const std::vector<TensorToWrite>& tensors,
-                              const std::vector<ShardEntry>& plan, bool with_index) {
+                              const std::vector<ShardEntry>& plan, bool with_index,
+                              std::optional<std::int64_t> total_parameters) {
   std::map<std::string, const TensorToWrite*> by_name;
   for (const auto& t : tensors)
     KMOE_CHECK_INPUT(by_name.emplace(t.name, &t).second, dir.string(), ": tensor '", t.name, "' given twice");
@@ -241,7 +346,7 @@ void write_checkpoint_tensors(const std::filesystem::path& dir, const std::vecto
   KMOE_CHECK_INPUT(with_index || per_file.size() <= 1, dir.string(), ": ", per_file.size(),
                    " shard files need an index json");
   for (const auto& [file, ts] : per_file) write_safetensors(dir / file, ts);
-  if (with_index) write_index_json(dir / kIndexName, plan, size, params);
+  if (with_index) write_index_json(dir / kIndexName, plan, size, total_parameters.value_or(params));
 }
 
 }  // namespace kmoe::io

@@ -47,7 +47,9 @@ std::vector<std::int64_t> dims_of(const View& v) {
 }  // namespace
 
 const std::vector<std::string>& moe_parts() {
-  static const std::vector<std::string> parts = {"router", "w1", "w3", "w2", "shared_w1", "shared_w3", "shared_w2"};
+  static const std::vector<std::string> parts = {"router",  "router_bias", "score_bias", "w1",        "w1_bias",
+                                                 "w3",      "w3_bias",     "w2",         "w2_bias",   "shared_w1",
+                                                 "shared_w3", "shared_w2", "shared_gate"};
   return parts;
 }
 
@@ -99,12 +101,19 @@ void add_moe_layer(CheckpointContents& c, int layer, const MoeLayerWeights<T>& w
   sharded("w1", keep->w1);
   sharded("w3", keep->w3);
   sharded("w2", keep->w2);
+  // The tensors only some architectures have (see MoeLayerWeights), when present.
+  if (keep->w1_bias.extent(0)) sharded("w1_bias", keep->w1_bias);
+  if (keep->w3_bias.extent(0)) sharded("w3_bias", keep->w3_bias);
+  if (keep->w2_bias.extent(0)) sharded("w2_bias", keep->w2_bias);
   if (with_replicated) {
     whole("router", keep->router);
+    if (keep->router_bias.extent(0)) whole("router_bias", keep->router_bias);
+    if (keep->score_bias.extent(0)) whole("score_bias", keep->score_bias);
     if (keep->has_shared_expert()) {
       whole("shared_w1", keep->shared_w1);
       whole("shared_w3", keep->shared_w3);
       whole("shared_w2", keep->shared_w2);
+      if (keep->shared_gate.extent(0)) whole("shared_gate", keep->shared_gate);
     }
   }
 }
@@ -186,6 +195,31 @@ MoeLayerWeights<T> load_moe_layer(const Hdf5Checkpoint& ck, int layer, std::int6
     w.shared_w3 = fill(M("shared_w3", a[0], H), name("shared_w3"), 0, a[0]);
     w.shared_w2 = fill(M("shared_w2", H, a[0]), name("shared_w2"), 0, H);
   }  // else: empty Views, as io's load_moe_layer of a Hugging Face checkpoint leaves them
+  // The tensors only some architectures have, when stored.
+  using V = typename MoeLayerWeights<T>::Vector;
+  auto shape_is = [&](const char* part, const std::vector<std::int64_t>& want) {
+    const auto got = info_of(part).shape;
+    KMOE_CHECK_INPUT(got == want, where, ": ", part, " has shape ", shape_text(got), ", expected ", shape_text(want));
+  };
+  if (ck.has(name("router_bias"))) {
+    shape_is("router_bias", {E});
+    w.router_bias = fill(V("router_bias", E), name("router_bias"), 0, E);
+  }
+  if (ck.has(name("score_bias"))) {
+    shape_is("score_bias", {E});
+    w.score_bias = fill(V("score_bias", E), name("score_bias"), 0, E);
+  }
+  for (const char* part : {"w1_bias", "w3_bias", "w2_bias"}) {
+    if (!ck.has(name(part))) continue;
+    const std::int64_t cols = std::string(part) == "w2_bias" ? H : F;
+    shape_is(part, {E, cols});
+    M b = fill(M(std::string(part), local, cols), name(part), expert_begin, expert_end);
+    (std::string(part) == "w1_bias" ? w.w1_bias : std::string(part) == "w3_bias" ? w.w3_bias : w.w2_bias) = b;
+  }
+  if (ck.has(name("shared_gate"))) {
+    shape_is("shared_gate", {1, H});
+    w.shared_gate = fill(M("shared_gate", 1, H), name("shared_gate"), 0, 1);
+  }
   return w;
 }
 

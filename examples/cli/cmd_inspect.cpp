@@ -18,7 +18,7 @@ const char* const kHelp =
     "usage: kmoe inspect PATH\n\n"
     "List the tensors of a .safetensors file (name, dtype, shape, bytes) and its metadata, or of a Hugging Face\n"
     "checkpoint directory (config.json + model.safetensors or model.safetensors.index.json and shards), with the\n"
-    "architecture, kmoe's model spec for it and the MoE layers found.\n\n"
+    "architecture, kmoe's model spec for it (routing, expert and shared-expert variants) and the MoE layers found.\n\n"
     "exit codes: 0 ok, 1 bad input (corrupt or missing file; the message names the file and tensor), 2 bad usage\n";
 
 struct Row {
@@ -93,10 +93,21 @@ void inspect_dir(const std::filesystem::path& dir) {
     os << "spec: none (kmoe knows " << known << ")\n";
   } else {
     os << "spec: " << spec->architecture << ": " << spec->summary << "\n";
+    os << "routing: " << core::describe(c.routing) << (spec->router_bias.present() ? "; router bias" : "")
+       << (spec->score_bias.present() ? "; selection bias (choice only)" : "") << "\n";
+    os << "experts: " << io::describe(spec->expert, c.swiglu_limit)
+       << "; shared expert: " << io::shared_variant_name(spec->shared_variant()) << "\n";
     const auto layers = io::find_moe_layers(ck, *spec);
     os << "MoE layers: " << layers.size() << " of " << c.num_layers;
     for (std::size_t i = 0; i < layers.size(); ++i) os << (i ? ", " : " (") << layers[i] << (i + 1 == layers.size() ? ")" : "");
+    for (int l = 0, n = 0; l < c.num_layers; ++l)  // the others pass through untouched
+      if (std::find(layers.begin(), layers.end(), l) == layers.end()) os << (n++ ? ", " : "; dense: ") << l;
     os << "\n";
+    if (!c.layer_types.empty()) {
+      os << "layer types:";
+      for (const auto& t : c.layer_types) os << " " << t;
+      os << "\n";
+    }
     for (int l : layers) {
       const auto expected = io::moe_layer_tensors(*spec, c, l);
       std::int64_t bytes = 0;

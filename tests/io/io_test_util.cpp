@@ -7,7 +7,10 @@
 
 namespace kmoe::test {
 
-std::vector<std::string> testdata_sets() { return {"granitemoe-tiny", "granitemoeshared-tiny", "mixtral-tiny"}; }
+std::vector<std::string> testdata_sets() {
+  return {"granitemoe-tiny",   "granitemoeshared-tiny", "mixtral-tiny", "qwen2_moe-tiny", "qwen3_moe-tiny",
+          "olmoe-tiny",        "deepseek_v3-tiny",      "gpt_oss-tiny", "granitemoehybrid-tiny"};
+}
 
 std::filesystem::path hf_dir(const std::string& set) { return testdata_dir() / set / "hf_save_pretrained"; }
 

@@ -36,6 +36,76 @@ TEST(Checkpoint, ReadsTheConfigFields) {
   EXPECT_EQ(s.shared_intermediate_size, 72);
 }
 
+TEST(Checkpoint, ReadsEachFamilysKeysRoutingAndMoeLayers) {
+  const auto q2 = read_model_config(hf_dir("qwen2_moe-tiny") / "config.json");
+  EXPECT_EQ(q2.num_experts, 8);               // "num_experts"
+  EXPECT_EQ(q2.intermediate_size, 32);        // "moe_intermediate_size", not the dense "intermediate_size" 96
+  EXPECT_EQ(q2.shared_intermediate_size, 48);  // "shared_expert_intermediate_size"
+  EXPECT_FALSE(q2.routing.renormalize);       // norm_topk_prob false
+  EXPECT_EQ(q2.moe_layers, (std::vector<int>{0, 1}));
+  const auto q3 = read_model_config(hf_dir("qwen3_moe-tiny") / "config.json");
+  EXPECT_EQ(q3.num_experts, 8);  // saved as "num_local_experts" by transformers 5
+  EXPECT_TRUE(q3.routing.renormalize);
+  EXPECT_TRUE(q3.routing.is_default());
+  const auto ds = read_model_config(hf_dir("deepseek_v3-tiny") / "config.json");
+  EXPECT_EQ(ds.num_experts, 8);  // "n_routed_experts"
+  EXPECT_EQ(ds.intermediate_size, 32);
+  EXPECT_EQ(ds.shared_intermediate_size, 32);  // moe_intermediate_size * n_shared_experts
+  EXPECT_EQ(ds.moe_layers, (std::vector<int>{1, 2}));  // first_k_dense_replace = 1
+  EXPECT_EQ(ds.routing.score, kmoe::core::ScoreFunction::Sigmoid);
+  EXPECT_EQ(ds.routing.n_group, 4);
+  EXPECT_EQ(ds.routing.topk_group, 2);
+  EXPECT_EQ(ds.routing.group_score_topk, 2);
+  EXPECT_EQ(ds.routing.scaling_factor, 2.5);
+  EXPECT_EQ(ds.routing.renorm_epsilon, 1e-20);
+  EXPECT_TRUE(ds.routing.renormalize);
+  const auto go = read_model_config(hf_dir("gpt_oss-tiny") / "config.json");
+  EXPECT_TRUE(go.routing.softmax_over_topk);
+  EXPECT_FALSE(go.routing.renormalize);
+  EXPECT_EQ(go.swiglu_limit, 7.0);
+  const auto gh = read_model_config(hf_dir("granitemoehybrid-tiny") / "config.json");
+  EXPECT_EQ(gh.layer_types, (std::vector<std::string>{"linear_attention", "full_attention"}));
+  EXPECT_EQ(gh.shared_intermediate_size, 72);
+  EXPECT_EQ(gh.moe_layers, (std::vector<int>{0, 1}));
+}
+
+TEST(Checkpoint, ConfigKeysSelectTheMoeLayersAndBadValuesAreNamed) {
+  ScratchDir tmp("ck-config");
+  const std::string qwen = file_bytes(hf_dir("qwen3_moe-tiny") / "config.json");
+  const std::string ds = file_bytes(hf_dir("deepseek_v3-tiny") / "config.json");
+  auto with = [&](const std::string& base, const std::string& from, const std::string& to) {
+    std::string s = base;
+    const auto at = s.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    s.replace(at, from.size(), to);
+    kmoe::test::write_bytes(tmp.path() / "config.json", s);
+    return tmp.path() / "config.json";
+  };
+  EXPECT_EQ(read_model_config(with(qwen, "\"decoder_sparse_step\": 1", "\"decoder_sparse_step\": 2")).moe_layers,
+            (std::vector<int>{1}));
+  EXPECT_EQ(read_model_config(with(qwen, "\"mlp_only_layers\": []", "\"mlp_only_layers\": [1]")).moe_layers,
+            (std::vector<int>{0}));
+  EXPECT_EQ(read_model_config(with(ds, "\"first_k_dense_replace\": 1", "\"first_k_dense_replace\": 2")).moe_layers,
+            (std::vector<int>{2}));
+  EXPECT_FALSE(read_model_config(with(ds, "\"norm_topk_prob\": true", "\"norm_topk_prob\": false")).routing.renormalize);
+  kmoe::test::expect_input_error([&] { read_model_config(with(ds, "\"n_group\": 4", "\"n_group\": 3")); },
+                                 {"config.json", "\"n_group\" = 3", "divide the 8 experts"});
+  kmoe::test::expect_input_error([&] { read_model_config(with(ds, "\"topk_group\": 2", "\"topk_group\": 5")); },
+                                 {"config.json", "\"topk_group\" = 5"});
+  const std::string ds_k3 = file_bytes(with(ds, "\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 3"));
+  kmoe::test::expect_input_error([&] { read_model_config(with(ds_k3, "\"topk_group\": 2", "\"topk_group\": 1")); },
+                                 {"config.json", "top_k = 3 exceeds the 2 experts"});
+  kmoe::test::expect_input_error(
+      [&] { read_model_config(with(ds, "\"norm_topk_prob\": true", "\"norm_topk_prob\": 1")); },
+      {"config.json", "\"norm_topk_prob\" must be true or false"});
+  kmoe::test::expect_input_error(
+      [&] { read_model_config(with(qwen, "\"mlp_only_layers\": []", "\"mlp_only_layers\": [\"a\"]")); },
+      {"config.json", "\"mlp_only_layers\" must be a list of layer indices"});
+  kmoe::test::expect_input_error(
+      [&] { read_model_config(with(qwen, "\"num_local_experts\": 8", "\"experts\": 8")); },
+      {"config.json", "missing \"num_experts\" (or \"num_local_experts\")"});
+}
+
 TEST(Checkpoint, LooksUpTensorsAcrossShards) {
   const auto ck = HfCheckpoint::open(hf_dir("granitemoe-tiny"));
   EXPECT_TRUE(ck.is_sharded());
@@ -84,7 +154,8 @@ TEST(Checkpoint, WholeCheckpointWrittenBackIsIdentical) {
     for (const auto& name : ck.tensor_names()) ts.push_back(TensorToWrite::borrow(ck.tensor(name)));
     const auto out = tmp.path() / set;
     std::filesystem::create_directories(out);
-    write_checkpoint_tensors(out, ts, ck.shard_plan(), true);
+    // transformers' total_parameters leaves out buffers (DeepSeek-V3's e_score_correction_bias), so pass it on.
+    write_checkpoint_tensors(out, ts, ck.shard_plan(), true, ck.total_parameters());
     int files = 0;
     for (const auto& e : std::filesystem::directory_iterator(out)) {
       EXPECT_TRUE(file_bytes(e.path()) == file_bytes(hf_dir(set) / e.path().filename())) << set << " " << e.path();

@@ -20,7 +20,8 @@ using kmoe::io::Hdf5Checkpoint;
 
 std::vector<fs::path> hf_dirs() {
   std::vector<fs::path> dirs;
-  for (const char* set : {"mixtral-tiny", "granitemoe-tiny", "granitemoeshared-tiny"})
+  for (const char* set : {"mixtral-tiny", "granitemoe-tiny", "granitemoeshared-tiny", "qwen2_moe-tiny", "qwen3_moe-tiny",
+                          "olmoe-tiny", "deepseek_v3-tiny", "gpt_oss-tiny", "granitemoehybrid-tiny"})
     dirs.push_back(kmoe::test::testdata_dir() / set / "hf_save_pretrained");
   dirs.push_back(kmoe::test::repo_data_dir() / "granitemoe-tiny");
   return dirs;
@@ -93,6 +94,20 @@ TEST(Hdf5Convert, MoeLayersLoadIntoAnyExpertRange) {
           ASSERT_EQ(part.shared_w1.size(), full.shared_w1.size());
           for (std::size_t i = 0; i < part.shared_w2.size(); ++i)
             ASSERT_EQ(part.shared_w2.data()[i], full.shared_w2.data()[i]);
+          // The tensors only some families have: replicated ones whole, expert biases re-sliced.
+          auto same = [](const auto& a, const auto& b, const char* what) {
+            ASSERT_EQ(a.size(), b.size()) << what;
+            for (std::size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a.data()[i], b.data()[i]) << what;
+          };
+          same(part.router_bias, full.router_bias, "router_bias");
+          same(part.score_bias, full.score_bias, "score_bias");
+          same(part.shared_gate, full.shared_gate, "shared_gate");
+          for (const auto& [p, f] : {std::pair{part.w1_bias, full.w1_bias}, std::pair{part.w3_bias, full.w3_bias},
+                                     std::pair{part.w2_bias, full.w2_bias}}) {
+            ASSERT_EQ(p.extent(0), f.extent(0) ? std::size_t(e - b) : 0u);
+            for (std::int64_t x = b; x < e && f.extent(0); ++x)
+              for (std::size_t i = 0; i < f.extent(1); ++i) ASSERT_EQ(p(x - b, i), f(x, i));
+          }
         }
       }
       EXPECT_THROW(kmoe::io::load_moe_layer<double>(ck, layer, 0, E + 1), kmoe::InputError);
@@ -127,6 +142,33 @@ TEST(Hdf5Convert, ChangedMoeWeightsLandInTheirTensors) {
   EXPECT_EQ(w.w3(1, 2, 3), 0.5f);
   EXPECT_EQ(w.shared_w2(4, 5), -0.25f);
   EXPECT_EQ(kmoe::io::load_moe_layer<float>(out, 1).w3(1, 2, 3), kmoe::io::load_moe_layer<float>(hf, 1).w3(1, 2, 3));
+}
+
+// GPT-OSS: a changed gate entry and gate bias land at their interleaved (and, for the weights, transposed) positions.
+TEST(Hdf5Convert, ChangedGptOssWeightsAndBiasesLandInTheirTensors) {
+  const fs::path src = kmoe::test::testdata_dir() / "gpt_oss-tiny" / "hf_save_pretrained";
+  kmoe::test::ScratchDir tmp("hdf5-convert-gptoss");
+  const auto hf = HfCheckpoint::open(src);
+  save_model(hf, tmp.path() / "checkpoint-0", [](int layer, kmoe::io::MoeLayerWeights<float>& w) {
+    if (layer != 1) return;
+    w.w3(2, 5, 7) = 0.75f;      // gate_up_proj[2, 7, 2 * 5 + 1]
+    w.w1_bias(3, 4) = -1.5f;    // gate_up_proj_bias[3, 8]
+    w.router_bias(6) = 0.125f;  // router.bias[6]
+  });
+  kmoe::io::convert_to_hf(Hdf5Checkpoint::open(tmp.path() / "checkpoint-0"), tmp.path() / "hf", src);
+  const auto out = HfCheckpoint::open(tmp.path() / "hf");
+  const std::string p = "model.layers.1.mlp.";
+  for (const auto& name : hf.tensor_names()) {
+    const auto& a = hf.tensor(name);
+    const auto& b = out.tensor(name);
+    ASSERT_EQ(a.nbytes, b.nbytes) << name;
+    const bool changed =
+        name == p + "experts.gate_up_proj" || name == p + "experts.gate_up_proj_bias" || name == p + "router.bias";
+    EXPECT_EQ(std::memcmp(a.data, b.data, a.nbytes) == 0, !changed) << name;
+  }
+  EXPECT_EQ(kmoe::io::to_host_view_3d<float>(out.tensor(p + "experts.gate_up_proj"))(2, 7, 11), 0.75f);
+  EXPECT_EQ(kmoe::io::to_host_view_2d<float>(out.tensor(p + "experts.gate_up_proj_bias"))(3, 8), -1.5f);
+  EXPECT_EQ(kmoe::io::to_host_view<float>(out.tensor(p + "router.bias"))(6), 0.125f);
 }
 
 TEST(Hdf5Convert, WrongOriginalIsASpecMismatch) {

@@ -4,6 +4,8 @@
 // non-MoE tensors byte-identical; bad input and usage give exit codes 1 and 2 with one-line messages.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -46,7 +48,8 @@ std::map<int, double> losses(const std::string& out) {
 }
 
 TEST(FinetuneCli, StepsZeroThenConvertReproducesTheCheckpointForOneTwoThreeRanks) {
-  for (const char* set : {"mixtral-tiny", "granitemoe-tiny", "granitemoeshared-tiny"}) {
+  for (const char* set :
+       {"mixtral-tiny", "granitemoe-tiny", "granitemoeshared-tiny", "qwen3_moe-tiny", "granitemoehybrid-tiny"}) {
     for (int np : {1, 2, 3}) {
       SCOPED_TRACE(std::string(set) + " np " + std::to_string(np));
       kmoe::test::ScratchDir tmp("finetune0");
@@ -62,6 +65,20 @@ TEST(FinetuneCli, StepsZeroThenConvertReproducesTheCheckpointForOneTwoThreeRanks
       ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
       kmoe::test::expect_same_files(hf_dir(set), tmp.path() / "out");
     }
+  }
+}
+
+// A family whose routing or experts the layer does not run yet is refused with one line naming what it needs.
+TEST(FinetuneCli, FamiliesNeedingMissingVariantsAreRefused) {
+  kmoe::test::ScratchDir tmp("finetune-refused");
+  for (const auto& [set, part] : {std::pair<std::string, std::string>{"olmoe-tiny", "no renormalisation"},
+                                  {"deepseek_v3-tiny", "a selection bias"},
+                                  {"gpt_oss-tiny", "a router bias"}}) {
+    const auto r = run_kmoe("finetune --checkpoint " + hf_dir(set).string() + " --steps 0 --out " +
+                            (tmp.path() / set).string());
+    EXPECT_EQ(r.exit_code, 1) << set << r.out << r.err;
+    EXPECT_NE(r.err.find(part), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
 }
 

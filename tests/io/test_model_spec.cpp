@@ -5,6 +5,7 @@
 
 #include "io_test_util.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -24,10 +25,14 @@ double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
   return std::sqrt(num / den);
 }
 
-/// y = sum_k w_k W2[e_k] (silu(W1[e_k] x) * W3[e_k] x) (+ shared expert), with the oracle's routing.
+/// y = sum_k w_k W2[e_k] (silu(W1[e_k] x) * W3[e_k] x) (+ shared expert), with the oracle's routing; GPT-OSS's
+/// experts are the clamped SwiGLU with biases, Qwen2-MoE's shared expert is scaled by sigmoid(shared_gate x).
 void check_layer_against_oracle(const std::string& set, int layer) {
   SCOPED_TRACE(set + " layer " + std::to_string(layer));
   const auto ck = HfCheckpoint::open(hf_dir(set));
+  const ModelSpec& spec = spec_for(ck.config().architecture);
+  const bool clamped = spec.expert == ExpertVariant::ClampedSwiGLU;
+  const double limit = ck.config().swiglu_limit;
   const auto w = load_moe_layer<double>(ck, layer);
   const auto ref = SafetensorsFile::open(kmoe::test::testdata_dir() / set / (set + "-ref.safetensors"));
   const std::string p = "layers." + std::to_string(layer) + ".";
@@ -39,26 +44,52 @@ void check_layer_against_oracle(const std::string& set, int layer) {
   const std::int64_t E = w.router.extent(0), H = w.router.extent(1), F = w.w1.extent(1), S = w.shared_w1.extent(0);
   const std::int64_t N = static_cast<std::int64_t>(x.extent(0)) / H;
   ASSERT_EQ(static_cast<std::int64_t>(idx.extent(0)), N);
+  EXPECT_EQ(w.router_bias.extent(0) != 0, spec.router_bias.present());
+  EXPECT_EQ(w.w1_bias.extent(0) != 0, spec.has_expert_biases());
+  EXPECT_EQ(w.shared_gate.extent(0) != 0, spec.shared_variant() == SharedVariant::SigmoidGated);
+  if (ref.has(p + "score_bias")) {  // the selection bias as stored (F32 on disk)
+    const auto sb = to_host_view<double>(ref.tensor(p + "score_bias"));
+    ASSERT_EQ(w.score_bias.extent(0), sb.extent(0));
+    for (std::size_t e = 0; e < sb.extent(0); ++e) EXPECT_EQ(w.score_bias(e), sb(e));
+  } else {
+    EXPECT_EQ(w.score_bias.extent(0), 0u);
+  }
   std::vector<double> y(static_cast<std::size_t>(N * H), 0.0), yr(y.size()), logits, lref;
   for (std::int64_t n = 0; n < N; ++n) {
     const double* xn = x.data() + n * H;
     for (std::int64_t e = 0; e < E; ++e) {
-      double l = 0;
+      double l = w.router_bias.extent(0) ? w.router_bias(e) : 0.0;
       for (std::int64_t h = 0; h < H; ++h) l += w.router(e, h) * xn[h];
       logits.push_back(l);
       lref.push_back(logits_ref(n, e));
     }
     for (std::size_t k = 0; k < idx.extent(1); ++k) {
       const std::int64_t e = idx(n, k);
+      std::vector<double> out(static_cast<std::size_t>(H), 0.0);
       for (std::int64_t f = 0; f < F; ++f) {
-        double a = 0, b = 0;
+        double a = clamped ? w.w1_bias(e, f) : 0.0, b = clamped ? w.w3_bias(e, f) : 0.0;
         for (std::int64_t h = 0; h < H; ++h) {
           a += w.w1(e, f, h) * xn[h];
           b += w.w3(e, f, h) * xn[h];
         }
-        const double g = silu(a) * b * wt(n, k);
-        for (std::int64_t h = 0; h < H; ++h) y[static_cast<std::size_t>(n * H + h)] += w.w2(e, h, f) * g;
+        double g;
+        if (clamped) {
+          a = std::min(a, limit);
+          b = std::max(-limit, std::min(b, limit));
+          g = (b + 1.0) * a / (1.0 + std::exp(-1.702 * a));
+        } else {
+          g = silu(a) * b;
+        }
+        for (std::int64_t h = 0; h < H; ++h) out[static_cast<std::size_t>(h)] += w.w2(e, h, f) * g;
       }
+      for (std::int64_t h = 0; h < H; ++h)
+        y[static_cast<std::size_t>(n * H + h)] += wt(n, k) * (out[static_cast<std::size_t>(h)] + (clamped ? w.w2_bias(e, h) : 0.0));
+    }
+    double gate = 1.0;
+    if (w.shared_gate.extent(0)) {
+      double z = 0;
+      for (std::int64_t h = 0; h < H; ++h) z += w.shared_gate(0, h) * xn[h];
+      gate = 1.0 / (1.0 + std::exp(-z));
     }
     for (std::int64_t s = 0; s < S; ++s) {
       double a = 0, b = 0;
@@ -66,7 +97,7 @@ void check_layer_against_oracle(const std::string& set, int layer) {
         a += w.shared_w1(s, h) * xn[h];
         b += w.shared_w3(s, h) * xn[h];
       }
-      const double g = silu(a) * b;
+      const double g = silu(a) * b * gate;
       for (std::int64_t h = 0; h < H; ++h) y[static_cast<std::size_t>(n * H + h)] += w.shared_w2(h, s) * g;
     }
   }
@@ -76,8 +107,11 @@ void check_layer_against_oracle(const std::string& set, int layer) {
 }
 
 TEST(ModelSpec, LoadedLayersReproduceTheOraclesMoeOutput) {
-  for (const auto& set : kmoe::test::testdata_sets())
-    for (int layer = 0; layer < 2; ++layer) check_layer_against_oracle(set, layer);
+  for (const auto& set : kmoe::test::testdata_sets()) {
+    const auto ck = HfCheckpoint::open(hf_dir(set));
+    ASSERT_FALSE(ck.config().moe_layers.empty()) << set;
+    for (int layer : ck.config().moe_layers) check_layer_against_oracle(set, layer);
+  }
 }
 
 TEST(ModelSpec, ShapesAndSharedExpert) {
@@ -106,7 +140,8 @@ TEST(ModelSpec, ReverseMapReproducesTheCheckpointBytes) {
   for (const auto& set : kmoe::test::testdata_sets()) {
     const auto ck = HfCheckpoint::open(hf_dir(set));
     const ModelSpec& spec = spec_for(ck.config().architecture);
-    for (int layer = 0; layer < 2; ++layer) {
+    EXPECT_EQ(find_moe_layers(ck, spec), ck.config().moe_layers) << set;
+    for (int layer : ck.config().moe_layers) {
       SCOPED_TRACE(set + " layer " + std::to_string(layer));
       const auto expected = moe_layer_tensors(spec, ck.config(), layer);
       auto check = [&](const std::vector<NamedTensorBytes>& out) {
@@ -124,6 +159,18 @@ TEST(ModelSpec, ReverseMapReproducesTheCheckpointBytes) {
       check(moe_layer_to_checkpoint(spec, layer, load_moe_layer<float>(ck, layer), DType::BF16));
       check(moe_layer_to_checkpoint(spec, layer, load_moe_layer<double>(ck, layer), DType::BF16));
     }
+    // The MoE layers' tensors are exactly the checkpoint's MoE tensors: nothing of a MoE block is left out (it would
+    // be lost on conversion) and nothing else (a dense layer's MLP, attention, Mamba) is taken for one.
+    std::size_t expected = 0, moe = 0;
+    for (int layer : ck.config().moe_layers) expected += moe_layer_tensors(spec, ck.config(), layer).size();
+    for (const auto& n : ck.tensor_names()) {
+      int l = -1;
+      if (!is_moe_tensor(spec, n, &l)) continue;
+      ++moe;
+      const auto& layers = ck.config().moe_layers;
+      EXPECT_NE(std::find(layers.begin(), layers.end(), l), layers.end()) << set << ": " << n;
+    }
+    EXPECT_EQ(moe, expected) << set;
   }
 }
 
@@ -155,7 +202,7 @@ TEST(ModelSpec, NamesLayersAndMoeTensors) {
   EXPECT_EQ(st[3].name, "model.layers.0.shared_mlp.input_linear.weight");
   EXPECT_EQ(st[3].shape, (std::vector<std::int64_t>{144, 64}));
   EXPECT_TRUE(is_moe_tensor(gs, "model.layers.1.shared_mlp.output_linear.weight"));
-  EXPECT_EQ(model_specs().size(), 3u);
+  EXPECT_EQ(model_specs().size(), 9u);
 }
 
 TEST(ModelSpec, ClearErrors) {

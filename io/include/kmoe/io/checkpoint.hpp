@@ -7,18 +7,20 @@
 /// across shards. Writing reproduces transformers' index json byte for byte (indent 2, sorted keys, trailing newline).
 #pragma once
 
+#include <kmoe/core/routing_options.hpp>
 #include <kmoe/io/safetensors.hpp>
 
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace kmoe::io {
 
 /// The fields of config.json kmoe needs. Key names come from the architecture's ModelSpec (model_spec.hpp), so a
-/// model that calls them differently (e.g. "num_experts") is one table entry.
+/// model that calls them differently (e.g. "num_experts", "n_routed_experts") is one table entry.
 struct ModelConfig {
   std::string architecture;   ///< architectures[0], e.g. "MixtralForCausalLM" ("" when absent)
   std::string model_type;     ///< e.g. "mixtral"
@@ -26,12 +28,15 @@ struct ModelConfig {
   std::string dtype;          ///< "dtype" (or legacy "torch_dtype"), e.g. "bfloat16"; "" when absent
   std::int64_t hidden_size = 0;               ///< H
   std::int64_t intermediate_size = 0;         ///< F (per expert)
-  std::int64_t num_experts = 0;               ///< E ("num_local_experts")
+  std::int64_t num_experts = 0;               ///< E ("num_local_experts", "num_experts", "n_routed_experts")
   std::int64_t top_k = 0;                     ///< k ("num_experts_per_tok")
   std::int64_t num_layers = 0;                ///< "num_hidden_layers"
   std::int64_t shared_intermediate_size = 0;  ///< S of the shared expert; 0 if none
+  std::vector<int> moe_layers;                ///< the layers the config makes MoE, ascending (others are dense)
+  std::vector<std::string> layer_types;       ///< "layer_types" when present (e.g. Mamba vs attention layers)
+  core::RoutingOptions routing;               ///< the architecture's routing with this config's values
+  double swiglu_limit = 7.0;                  ///< the clamp of a clamped SwiGLU ("swiglu_limit", GPT-OSS)
 };
-
 /// Reads config.json. Missing or ill-typed fields the architecture needs: kmoe::InputError naming the file and key.
 /// An architecture with no ModelSpec still reads (with the default key names), so `kmoe inspect` can show it.
 ModelConfig read_model_config(const std::filesystem::path& config_json);
@@ -91,8 +96,12 @@ void write_index_json(const std::filesystem::path& path, const std::vector<Shard
 
 /// Writes `tensors` into `dir` following `plan` (each tensor into the shard file the plan names; every tensor must be
 /// in the plan and every plan entry must have a tensor), each shard with {"format":"pt"} metadata, then, when
-/// `with_index`, model.safetensors.index.json with total_size (bytes) and total_parameters (elements). Atomic per file.
+/// `with_index`, model.safetensors.index.json with total_size (bytes) and total_parameters: `total_parameters` when
+/// given, else every element. transformers counts parameters only, not buffers (DeepSeek-V3's
+/// e_score_correction_bias is a buffer): to reproduce a checkpoint's index pass its HfCheckpoint::total_parameters().
+/// Atomic per file.
 void write_checkpoint_tensors(const std::filesystem::path& dir, const std::vector<TensorToWrite>& tensors,
-                              const std::vector<ShardEntry>& plan, bool with_index);
+                              const std::vector<ShardEntry>& plan, bool with_index,
+                              std::optional<std::int64_t> total_parameters = std::nullopt);
 
 }  // namespace kmoe::io

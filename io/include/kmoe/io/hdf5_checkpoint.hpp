@@ -171,7 +171,8 @@ std::vector<std::pair<std::int64_t, std::int64_t>> contiguous_expert_ranges(std:
 // "moe.L.shared_w3" [S,H], "moe.L.shared_w2" [H,S], in the precision the trainer holds them (F32 or F64);
 // optimizer state is "optim.NAME" (see the trainer). Attributes record the rest (docs/checkpoint-format.md).
 
-/// The parts of a MoE layer in kmoe's layout, in this order: router, w1, w3, w2, shared_w1, shared_w3, shared_w2.
+/// The parts of a MoE layer in kmoe's layout: router, router_bias, score_bias, w1, w1_bias, w3, w3_bias, w2, w2_bias,
+/// shared_w1, shared_w3, shared_w2, shared_gate (the biases and the shared gate only where the architecture has them).
 const std::vector<std::string>& moe_parts();
 
 /// "{prefix}moe.{layer}.{part}" — the checkpoint name of one kmoe-layout tensor (prefix "" for the weights,
