@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -27,7 +28,7 @@ namespace {
 
 const char* const kHelp =
     "usage: kmoe block --checkpoint DIR --layer I --inputs FILE --out FILE [--precision f64|f32|bf16]\n"
-    "                  [--impl scatter|padded] [--backend serial|openmp|cuda] [--ep M]\n\n"
+    "                  [--impl scatter|padded] [--backend serial|openmp|cuda] [--block B] [--ep M]\n\n"
     "Runs MoE layer I of the checkpoint forward and backward of L = sum(y * dy) on the float64 tensors\n"
     "layers.I.x and layers.I.dy ([..., hidden]) of the safetensors FILE, and writes (float64, int64 topk_idx)\n"
     "layers.I.{router_logits, topk_idx, topk_weight, y, dx, grad.gate, grad.w1, grad.w3, grad.w2} and, for a model\n"
@@ -38,6 +39,7 @@ const char* const kHelp =
     "  --backend cuda           kmoe's CUDA kernels (builds with KMOE_ENABLE_CUDA); needs --precision bf16\n"
     "                           (MoeLayer<bf16, Kokkos::Cuda>: bf16 storage, fp32 accumulation and gradients;\n"
     "                           --block must divide 128)\n"
+    "  --block B                --impl padded: rows per expert rounded up to a multiple of B (default 32)\n"
     "  --ep M                   expert parallelism under mpirun -np N: the tokens are split over the N ranks, the\n"
     "                           experts over groups of M ranks (M divides N and is at most the experts; default N);\n"
     "                           rank 0 writes the same outputs as one process\n"
@@ -195,11 +197,16 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   args.expect_positionals(0, 0, "no positional arguments");
   moe::MoeOptions options;
   const std::string ckpt_dir = args.required("checkpoint");
-  const long long layer = args.get_int("layer", -1);
+  constexpr long long kMaxInt = std::numeric_limits<int>::max();
   KMOE_CHECK_USAGE(args.has("layer"), "missing --layer");
-  KMOE_CHECK_USAGE(layer >= 0, "--layer ", layer, " must be >= 0");
+  const long long layer = args.get_int("layer", 0, 0, kMaxInt);
   const std::string inputs = args.required("inputs");
   const std::string out = args.required("out");
+  // --out is replaced as a whole (written beside itself, renamed into place): it may not be an input.
+  const auto out_path = resolved_path({"--out", out});
+  KMOE_CHECK_USAGE(out_path != resolved_path({"--inputs", inputs}), "--out ", out, " is the --inputs file");
+  KMOE_CHECK_USAGE(!path_within(out_path, resolved_path({"--checkpoint", ckpt_dir})), "--out ", out,
+                   " lies inside --checkpoint ", ckpt_dir, ": choose an output file apart from the inputs");
   const std::string precision = args.get_choice("precision", "f64", {"f64", "f32", "bf16"});
   options.impl = moe::parse_expert_impl(args.get_choice("impl", "scatter", {"scatter", "padded"}));
   const std::string backend = args.get_choice("backend", "default", {"default", "serial", "openmp", "cuda"});
@@ -208,11 +215,9 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
 #if !KMOE_ENABLE_CUDA
   KMOE_CHECK_USAGE(backend != "cuda", "--backend cuda needs a kmoe built with KMOE_ENABLE_CUDA=ON");
 #endif
-  options.block = args.get_int("block", options.block);
-  KMOE_CHECK_USAGE(options.block >= 1, "--block ", options.block, " must be >= 1");
+  options.block = args.get_int("block", options.block, 1, kMaxInt);
   options.top_k = 0;  // from the config
-  const long long ep = args.get_int("ep", 0);
-  KMOE_CHECK_USAGE(!args.has("ep") || ep >= 1, "--ep ", ep, " must be >= 1");
+  const long long ep = args.get_int("ep", 0, 1, kMaxInt);
 
   Runtime runtime(argc, argv);
 #if KMOE_ENABLE_MPI
@@ -253,6 +258,13 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
     job.x_shape = xt.shape;
     const std::int64_t hidden = config.hidden_size, tokens = xt.numel() / hidden;
     KMOE_CHECK_INPUT(tokens >= 1, inputs, ": tensor '", xt.name, "' has no tokens (shape ", xt.shape_string(), ")");
+    if (options.impl == moe::ExpertImpl::Padded) {
+      // Every expert that receives a token gets a group of at least --block rows of hidden_size values.
+      const double element = precision == "f64" ? 8 : precision == "f32" ? 4 : 2;
+      check_fits_in_memory("block", std::to_string(options.block),
+                           static_cast<double>(options.block) * static_cast<double>(hidden) * element,
+                           "the padded path (--block rows x hidden_size " + std::to_string(hidden) + ")");
+    }
     using HostMatrix = Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace>;
     auto load = [&](const io::TensorView& t, HostMatrix& dst) {
       const auto v = io::to_host_view<double>(t);  // flat, row-major: [..., H] is [tokens, H]
