@@ -37,6 +37,9 @@ const char* const kHelp =
 void check_output_dir(const std::vector<std::string>& p, bool force) {
   namespace fs = std::filesystem;
   const fs::path out = p[1];
+  std::vector<NamedPath> inputs{{"CHECKPOINT_DIR", p[0]}};
+  if (p.size() > 2) inputs.push_back({"ORIGINAL_HF_DIR", p[2]});
+  check_output_apart({"OUTPUT_DIR", out}, inputs);
   std::error_code ec;
   const fs::file_status st = fs::symlink_status(out, ec);
   const bool absent = st.type() == fs::file_type::not_found;
@@ -47,9 +50,6 @@ void check_output_dir(const std::vector<std::string>& p, bool force) {
     KMOE_CHECK_USAGE(fs::is_directory(st), "OUTPUT_DIR ", out.string(), " exists and is not a directory");
     KMOE_CHECK_USAGE(force, "OUTPUT_DIR ", out.string(), " exists; --force replaces it");
   }
-  std::vector<NamedPath> inputs{{"CHECKPOINT_DIR", p[0]}};
-  if (p.size() > 2) inputs.push_back({"ORIGINAL_HF_DIR", p[2]});
-  check_output_apart({"OUTPUT_DIR", out}, inputs);
 }
 
 int run(int argc, char** argv, const std::vector<std::string>& rest) {

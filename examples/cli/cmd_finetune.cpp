@@ -539,7 +539,8 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   KMOE_CHECK_USAGE(s.adamw.eps >= smallest, "--eps ", args.get("eps", ""), " is below the smallest normal number of ",
                    precision, " (", smallest, ")");
   KMOE_CHECK_USAGE(s.adamw.lr / (1 - s.adamw.beta1) <= largest && s.adamw.lr * s.adamw.weight_decay <= largest,
-                   "--lr ", s.adamw.lr, " with --beta1 ", s.adamw.beta1, " and --weight-decay ", s.adamw.weight_decay,
+                   "--lr ", args.get("lr", "3e-4"), " with --beta1 ", args.get("beta1", "0.9"), " and --weight-decay ",
+                   args.get("weight-decay", "0"),
                    " overflows ", precision, " in the AdamW update (lr / (1 - beta1) and lr * weight_decay must be ",
                    "finite)");
   s.clip = args.get_double("clip", 1.0, {0});
