@@ -32,18 +32,22 @@ const char* const kHelp =
     "Runs MoE layer I of the checkpoint forward and backward of L = sum(y * dy) on the float64 tensors\n"
     "layers.I.x and layers.I.dy ([..., hidden]) of the safetensors FILE, and writes (float64, int64 topk_idx)\n"
     "layers.I.{router_logits, topk_idx, topk_weight, y, dx, grad.gate, grad.w1, grad.w3, grad.w2} and, for a model\n"
-    "with a shared expert, layers.I.grad.shared_{w1,w3,w2} to --out (atomically). The output includes the shared expert.\n\n"
+    "with a shared expert, layers.I.grad.shared_{w1,w3,w2} to --out (atomically). The output includes the shared expert.\n"
+    "--out may not be the --inputs file or lie inside --checkpoint.\n\n"
     "  --precision f64|f32      compute type (default f64; f64 computes the softmax in float64)\n"
     "  --impl scatter|padded    ScatterMoE-style or MegaBlocks-style expert path (default scatter)\n"
     "  --backend serial|openmp  Kokkos execution space (default: Kokkos' default)\n"
     "  --backend cuda           kmoe's CUDA kernels (builds with KMOE_ENABLE_CUDA); needs --precision bf16\n"
     "                           (MoeLayer<bf16, Kokkos::Cuda>: bf16 storage, fp32 accumulation and gradients;\n"
     "                           --block must divide 128)\n"
-    "  --block B                --impl padded: rows per expert rounded up to a multiple of B (default 32)\n"
+    "  --block B                --impl padded: rows per expert rounded up to a multiple of B (default 32; >= 1,\n"
+    "                           and B rows of hidden_size values must fit in this machine's memory)\n"
     "  --ep M                   expert parallelism under mpirun -np N: the tokens are split over the N ranks, the\n"
     "                           experts over groups of M ranks (M divides N and is at most the experts; default N);\n"
     "                           rank 0 writes the same outputs as one process\n"
-    "exit codes: 0 ok, 1 bad input (checkpoint, inputs, shapes, layer out of range), 2 bad usage\n";
+    "A value that starts with -- is given as --name=VALUE.\n"
+    "exit codes: 0 ok, 1 bad input (checkpoint, inputs, shapes, layer out of range, a path the system refuses),\n"
+    "2 bad usage\n";
 
 struct BlockJob {
   io::HfCheckpoint checkpoint;
