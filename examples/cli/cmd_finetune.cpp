@@ -318,6 +318,11 @@ class Trainer {
     if (s_.steps == start_step_) last = resumed_from_.empty() ? save(start_step_) : resumed_from_;
     for (std::int64_t step = start_step_ + 1; step <= s_.steps; ++step) {
       const auto [loss, norm] = train_step(step);
+      // loss and norm are global (the same on every rank): a non-finite one means the weights or the inputs are no
+      // longer numbers, and every later step and save would carry that silently.
+      KMOE_CHECK_INPUT(std::isfinite(loss) && std::isfinite(norm), "step ", step, ": loss ", loss, ", gradient norm ",
+                       norm, " are not finite (training diverged: a smaller --lr? or non-finite values in the ",
+                       s_.data.empty() ? "checkpoint" : "checkpoint or --data", "); nothing of this step is saved");
       if (root) {
         char line[160];
         std::snprintf(line, sizeof line, "step %lld/%lld loss %.9e grad_norm %.6e\n", static_cast<long long>(step),

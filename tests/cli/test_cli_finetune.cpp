@@ -68,6 +68,18 @@ TEST(FinetuneArguments, NonFiniteOrOutOfRangeNumbersAreUsageErrorsNamingTheOptio
   }
 }
 
+// A finite but huge learning rate: the weights overflow after the first update. The run stops at the first
+// non-finite loss, before saving anything from it.
+TEST(FinetuneArguments, TrainingThatDivergesStopsBeforeSavingGarbage) {
+  ScratchDir tmp("ft-diverge");
+  const fs::path run = tmp.path() / "run";
+  const auto r = run_kmoe(finetune(kHf, run, "--steps 4 --tokens 16 --lr 1e30 --no-convert"));
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("not finite"), std::string::npos) << r.err;
+  EXPECT_TRUE(one_line(r.err)) << r.err;
+  EXPECT_FALSE(fs::exists(run / "checkpoint-4"));
+}
+
 TEST(FinetuneArguments, TokensBeyondTheMachinesMemoryAreRefusedBeforeAllocating) {
   ScratchDir tmp("ft-tokens");
   const auto r = run_kmoe(finetune(kHf, tmp.path() / "run", "--steps 1 --no-convert --tokens 100000000000"));
