@@ -293,7 +293,8 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
     return 0;
   };
 #if KMOE_ENABLE_MPI
-  if (distributed) return comm::run_or_abort(*world, "kmoe block", body);
+  if (distributed)
+    return comm::run_or_abort(*world, "kmoe block", [&] { return translating_filesystem_errors(body); });
 #endif
   return body();
 }

@@ -22,13 +22,15 @@ const char* const kHelp =
     "arguments:\n"
     "  CHECKPOINT_DIR    a kmoe HDF5 checkpoint directory (manifest.h5 + rank-*.h5), saved by any number of ranks\n"
     "  OUTPUT_DIR        the Hugging Face directory to write: a new path, or with --force an existing directory\n"
-    "                    (a previous conversion), which is replaced as a whole; never a file or a symbolic link,\n"
-    "                    and never the same as, inside of or containing CHECKPOINT_DIR or ORIGINAL_HF_DIR\n"
+    "                    holding only what a conversion writes (*.safetensors, model.safetensors.index.json,\n"
+    "                    config.json, generation_config.json), which is replaced as a whole; never a file or a\n"
+    "                    symbolic link, and never the same as, inside of or containing CHECKPOINT_DIR or\n"
+    "                    ORIGINAL_HF_DIR\n"
     "  ORIGINAL_HF_DIR   the checkpoint the run started from: checked against the one recorded in CHECKPOINT_DIR\n"
     "                    (a different model is an error) and the source of config.json/generation_config.json;\n"
     "                    without it, the copies recorded in CHECKPOINT_DIR are used\n\n"
     "options:\n"
-    "  --force           replace an existing OUTPUT_DIR directory\n\n"
+    "  --force           replace an existing OUTPUT_DIR (the output of a previous conversion)\n\n"
     "exit codes: 0 done, 1 bad input (missing/corrupt/truncated checkpoint, model mismatch, a path the system\n"
     "refuses), 2 bad usage (including an OUTPUT_DIR that exists without --force or overlaps an input)\n";
 
@@ -49,6 +51,17 @@ void check_output_dir(const std::vector<std::string>& p, bool force) {
                      " is a symbolic link: give the directory itself (it is replaced as a whole)");
     KMOE_CHECK_USAGE(fs::is_directory(st), "OUTPUT_DIR ", out.string(), " exists and is not a directory");
     KMOE_CHECK_USAGE(force, "OUTPUT_DIR ", out.string(), " exists; --force replaces it");
+    // --force replaces the output of a previous conversion, never a directory holding anything else (a home
+    // directory, a project): only the files a conversion writes, no subdirectory.
+    for (fs::directory_iterator it(out, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      const bool converted = name == "config.json" || name == "generation_config.json" ||
+                             name == "model.safetensors.index.json" ||
+                             (name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0);
+      KMOE_CHECK_USAGE(converted && it->is_regular_file(ec), "OUTPUT_DIR ", out.string(), " holds ", name,
+                       ", which kmoe convert does not write: --force replaces only a previous conversion's output");
+    }
+    KMOE_CHECK_INPUT(!ec, "OUTPUT_DIR ", out.string(), ": ", ec.message());
   }
 }
 

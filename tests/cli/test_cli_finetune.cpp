@@ -226,6 +226,13 @@ TEST_F(ConvertOutput, NeverReplacesAnInputAFileOrAnExistingDirectoryWithoutForce
   r = run_kmoe("convert --force " + q(ck) + " " + q(out) + " " + q(kHf));
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   kmoe::test::expect_same_files(kHf, out);
+  // --force replaces a previous conversion only: not a directory that holds anything else.
+  std::ofstream(out / "notes.txt") << "keep";
+  expect_refused("--force " + q(ck) + " " + q(out), "notes.txt");
+  fs::remove(out / "notes.txt");
+  fs::create_directory(out / "sub");
+  expect_refused("--force " + q(ck) + " " + q(out), "sub");
+  EXPECT_TRUE(fs::is_directory(out / "sub"));
 }
 
 TEST_F(ConvertOutput, PathsTheSystemRefusesExitOneInOneLine) {
