@@ -175,11 +175,10 @@ void check_output_apart(const NamedPath& out, const std::vector<NamedPath>& inpu
   for (const auto& in : inputs) {
     if (in.path.empty()) continue;
     const std::filesystem::path i = resolved_path(in);
-    KMOE_CHECK_USAGE(!path_within(o, i) && !path_within(i, o), out.name, " ", out.path.string(),
-                     path_within(o, i) && path_within(i, o) ? " is "
-                     : path_within(i, o)               ? " contains "
-                                                  : " lies inside ",
-                     in.name, " ", in.path.string(), ": choose an output directory apart from the inputs");
+    const bool inside = path_within(o, i), contains = path_within(i, o);
+    KMOE_CHECK_USAGE(!inside && !contains, out.name, " ", out.path.string(),
+                     inside && contains ? " is " : contains ? " contains " : " lies inside ", in.name, " ",
+                     in.path.string(), ": choose an output directory apart from the inputs");
   }
 }
 
@@ -205,7 +204,7 @@ void check_fits_in_memory(const std::string& option, const std::string& value, d
 
 Runtime::Runtime(int& argc, char**& argv) {
   // MPI and Kokkos see the program name only: every other argument is kmoe's (its parser has taken them already),
-  // and a value such as `--out=--kokkos-help` or `--out --help` must not reach their parsers.
+  // and a value of kmoe's options, such as a path named --kokkos-help, must not reach their parsers.
   static char* program_only[] = {argc > 0 ? argv[0] : nullptr, nullptr};
   int runtime_argc = argc > 0 ? 1 : 0;
   char** runtime_argv = program_only;

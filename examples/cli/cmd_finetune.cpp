@@ -530,7 +530,7 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
              "data", "tokens", "batches", "perturb", "seed", "precision", "backend"},
             {"resume", "no-convert"});
   args.expect_positionals(0, 0, "no positional arguments");
-  constexpr long long kMaxCount = 1000000000000;  // steps, batches: 10^12 (a bound that keeps step arithmetic exact)
+  constexpr long long kMaxCount = 1000000000000;  // steps, batches: 10^12, beyond any run and far from overflow
   constexpr long long kMaxInt = std::numeric_limits<int>::max();
   Settings s;
   s.hf_dir = args.required("checkpoint");
