@@ -8,6 +8,8 @@
 #include <kmoe/comm/communicator.hpp>
 #endif
 
+#include <filesystem>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -16,8 +18,18 @@
 
 namespace kmoe::cli {
 
+/// The values a numeric option accepts: [min, max], either end excluded when its flag is set. A number must also be
+/// finite (NaN and infinities are refused whatever the range).
+struct Range {
+  double min = -std::numeric_limits<double>::infinity();
+  double max = std::numeric_limits<double>::infinity();
+  bool min_excluded = false, max_excluded = false;
+};
+
 /// A subcommand's options, parsed from `--name value` / `--name=value` / `--flag` and positionals.
-/// Unknown options, a missing value or a wrong count of positionals throw UsageError naming the argument.
+/// UsageError naming the argument for: an unknown option, a missing or empty value, an option given twice, a value
+/// given as a separate argument that starts with `--` (most likely a forgotten value; `--name=--x` passes one), a flag
+/// given a value, an empty positional argument or a wrong count of positionals.
 class Args {
  public:
   /// \param program [in] "kmoe block" (for messages)
@@ -32,8 +44,12 @@ class Args {
   /// The value of a required option; UsageError when absent.
   std::string required(const std::string& name) const;
   std::string get(const std::string& name, const std::string& fallback) const;
-  long long get_int(const std::string& name, long long fallback) const;
-  double get_double(const std::string& name, double fallback) const;
+  /// A decimal integer within [min, max] (`fallback` when absent, not checked); UsageError naming the option, the
+  /// value and the range for anything else (garbage, overflow, out of range).
+  long long get_int(const std::string& name, long long fallback, long long min, long long max) const;
+  /// A finite number within `range` (`fallback` when absent, not checked); UsageError naming the option, the value
+  /// and the range for anything else (garbage, NaN, infinities, overflow, underflow, out of range).
+  double get_double(const std::string& name, double fallback, const Range& range) const;
   /// One of `choices`; UsageError naming the option and the choices otherwise.
   std::string get_choice(const std::string& name, const std::string& fallback,
                          const std::vector<std::string>& choices) const;
@@ -47,6 +63,46 @@ class Args {
   std::map<std::string, bool> flags_;
   std::vector<std::string> positionals_;
 };
+
+/// "PATH: reason" (both paths for a two-path operation) of a filesystem error, in one line.
+std::string describe(const std::filesystem::filesystem_error& e);
+
+/// `body()`, with a std::filesystem::filesystem_error escaping it turned into an InputError naming the path and the
+/// reason (a symlink loop, a permission, a name too long: the environment of a path the user gave, not a bug).
+template <class Body>
+auto translating_filesystem_errors(Body&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const std::filesystem::filesystem_error& e) {
+    throw InputError(describe(e));
+  }
+}
+
+/// The memory this process may use in bytes: the machine's physical memory, or its control group's limit when
+/// lower (containers, batch jobs).
+double usable_memory_bytes();
+
+/// UsageError "`option` `value`: `what` needs at least X GiB, more than this machine's Y GiB of memory" when `bytes`
+/// exceeds usable_memory_bytes(): the check that comes before allocating for a size the user chose.
+void check_fits_in_memory(const std::string& option, const std::string& value, double bytes, const std::string& what);
+
+/// A named path for messages: {"CHECKPOINT_DIR", "run/checkpoint-8"}.
+struct NamedPath {
+  std::string name;
+  std::filesystem::path path;
+};
+
+/// The absolute path with symbolic links of its existing part resolved, without a trailing separator; InputError
+/// naming `p` when it cannot be resolved (a symlink loop, a permission).
+std::filesystem::path resolved_path(const NamedPath& p);
+
+/// True when `inner` is `outer` or lies below it, component by component (/a/bc is not inside /a/b).
+bool path_within(const std::filesystem::path& inner, const std::filesystem::path& outer);
+
+/// UsageError when the output directory `out` (which a command builds beside itself and renames into place,
+/// replacing what was there) is, contains or lies inside one of `inputs` (symbolic links resolved): replacing it
+/// would delete an input. InputError when a path cannot be resolved (a symlink loop, a permission).
+void check_output_apart(const NamedPath& out, const std::vector<NamedPath>& inputs);
 
 /// Initialises MPI (when built with it) and Kokkos for a subcommand that computes; finalises in reverse order.
 class Runtime {

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -24,11 +25,13 @@ namespace {
 
 const char* const kHelp =
     "usage: kmoe block --checkpoint DIR --layer I --inputs FILE --out FILE [--precision f64|f32|bf16]\n"
-    "                  [--impl scatter|padded] [--backend serial|openmp|cuda] [--engine E] [--ep M] [--comm C]\n\n"
+    "                  [--impl scatter|padded] [--backend serial|openmp|cuda] [--engine E] [--block B] [--ep M]\n"
+    "                  [--comm C]\n\n"
     "Runs MoE layer I of the checkpoint forward and backward of L = sum(y * dy) on the float64 tensors\n"
     "layers.I.x and layers.I.dy ([..., hidden]) of the safetensors FILE, and writes (float64, int64 topk_idx)\n"
     "layers.I.{router_logits, topk_idx, topk_weight, y, dx, grad.gate, grad.w1, grad.w3, grad.w2} and, for a model\n"
-    "with a shared expert, layers.I.grad.shared_{w1,w3,w2} to --out (atomically). The output includes the shared expert.\n\n"
+    "with a shared expert, layers.I.grad.shared_{w1,w3,w2} to --out (atomically). The output includes the shared expert.\n"
+    "--out may not be the --inputs file or lie inside --checkpoint.\n\n"
     "  --precision f64|f32      compute type (default f64; f64 computes the softmax in float64)\n"
     "  --impl scatter|padded    ScatterMoE-style or MegaBlocks-style expert path (default scatter)\n"
     "  --backend serial|openmp  Kokkos execution space (default: Kokkos' default)\n"
@@ -37,12 +40,16 @@ const char* const kHelp =
     "                           --block must divide 128), f32/f64 the portable layer on the GPU\n"
     "  --engine auto|blas|kokkos|cutlass  the expert GEMMs' engine (default auto: measured per shape; blas = the\n"
     "                           vendor BLAS, kokkos = kmoe's own kernel, cutlass = the bf16 CUDA block only)\n"
+    "  --block B                --impl padded: rows per expert rounded up to a multiple of B (default 32; >= 1,\n"
+    "                           and B rows of hidden_size values must fit in this machine's memory)\n"
     "  --ep M                   expert parallelism under mpirun -np N: the tokens are split over the N ranks, the\n"
     "                           experts over groups of M ranks (M divides N and is at most the experts; default N);\n"
     "                           rank 0 writes the same outputs as one process\n"
     "  --comm auto|nccl|mpi     --backend cuda with --ep: NCCL (one GPU per rank) or MPI over device buffers (ranks\n"
     "                           may share a GPU); auto = NCCL when built and no two ranks share a GPU\n"
-    "exit codes: 0 ok, 1 bad input (checkpoint, inputs, shapes, layer out of range), 2 bad usage\n";
+    "A value that starts with -- is given as --name=VALUE.\n"
+    "exit codes: 0 ok, 1 bad input (checkpoint, inputs, shapes, layer out of range, a path the system refuses),\n"
+    "2 bad usage\n";
 
 struct BlockJob {
   io::HfCheckpoint checkpoint;
@@ -194,11 +201,16 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   args.expect_positionals(0, 0, "no positional arguments");
   moe::MoeOptions options;
   const std::string ckpt_dir = args.required("checkpoint");
-  const long long layer = args.get_int("layer", -1);
+  constexpr long long kMaxInt = std::numeric_limits<int>::max();
   KMOE_CHECK_USAGE(args.has("layer"), "missing --layer");
-  KMOE_CHECK_USAGE(layer >= 0, "--layer ", layer, " must be >= 0");
+  const long long layer = args.get_int("layer", 0, 0, kMaxInt);
   const std::string inputs = args.required("inputs");
   const std::string out = args.required("out");
+  // --out is replaced as a whole (written beside itself, renamed into place): it may not be an input.
+  const auto out_path = resolved_path({"--out", out});
+  KMOE_CHECK_USAGE(out_path != resolved_path({"--inputs", inputs}), "--out ", out, " is the --inputs file");
+  KMOE_CHECK_USAGE(!path_within(out_path, resolved_path({"--checkpoint", ckpt_dir})), "--out ", out,
+                   " lies inside --checkpoint ", ckpt_dir, ": choose an output file apart from the inputs");
   const std::string precision = args.get_choice("precision", "f64", {"f64", "f32", "bf16"});
   options.impl = moe::parse_expert_impl(args.get_choice("impl", "scatter", {"scatter", "padded"}));
   const std::string backend = args.get_choice("backend", "default", {"default", "serial", "openmp", "cuda"});
@@ -208,11 +220,9 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
 #if !KMOE_ENABLE_CUDA
   KMOE_CHECK_USAGE(backend != "cuda", "--backend cuda needs a kmoe built with KMOE_ENABLE_CUDA=ON");
 #endif
-  options.block = args.get_int("block", options.block);
-  KMOE_CHECK_USAGE(options.block >= 1, "--block ", options.block, " must be >= 1");
+  options.block = args.get_int("block", options.block, 1, kMaxInt);
   options.top_k = 0;  // from the config
-  const long long ep = args.get_int("ep", 0);
-  KMOE_CHECK_USAGE(!args.has("ep") || ep >= 1, "--ep ", ep, " must be >= 1");
+  const long long ep = args.get_int("ep", 0, 1, kMaxInt);
 
   Runtime runtime(argc, argv);
 #if KMOE_ENABLE_MPI
@@ -259,6 +269,13 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
     job.x_shape = xt.shape;
     const std::int64_t hidden = config.hidden_size, tokens = xt.numel() / hidden;
     KMOE_CHECK_INPUT(tokens >= 1, inputs, ": tensor '", xt.name, "' has no tokens (shape ", xt.shape_string(), ")");
+    if (options.impl == moe::ExpertImpl::Padded) {
+      // Every expert that receives a token gets a group of at least --block rows of hidden_size values.
+      const double element = precision == "f64" ? 8 : precision == "f32" ? 4 : 2;
+      check_fits_in_memory("block", std::to_string(options.block),
+                           static_cast<double>(options.block) * static_cast<double>(hidden) * element,
+                           "the padded path (--block rows x hidden_size " + std::to_string(hidden) + ")");
+    }
     using HostMatrix = Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace>;
     auto load = [&](const io::TensorView& t, HostMatrix& dst) {
       const auto v = io::to_host_view<double>(t);  // flat, row-major: [..., H] is [tokens, H]
@@ -283,7 +300,8 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
     return 0;
   };
 #if KMOE_ENABLE_MPI
-  if (distributed) return comm::run_or_abort(*world, "kmoe block", body);
+  if (distributed)
+    return comm::run_or_abort(*world, "kmoe block", [&] { return translating_filesystem_errors(body); });
 #endif
   return body();
 }

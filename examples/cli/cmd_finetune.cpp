@@ -22,8 +22,12 @@
 #include <kmoe/moe/synthetic_task.hpp>
 #endif
 
+#include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <type_traits>
@@ -47,24 +51,31 @@ const char* const kHelp =
     "(every --save-every K steps and at the end; docs/checkpoint-format.md), and converts the last one into RUN_DIR/hf,\n"
     "a Hugging Face directory: non-MoE tensors byte-identical to HF_DIR, MoE tensors trained (rounded to the\n"
     "checkpoint's dtype). With --steps 0 the loaded weights are saved unchanged (RUN_DIR/hf reproduces HF_DIR).\n\n"
-    "options:\n"
+    "options (numbers must be finite and in the ranges shown; counts are integers):\n"
     "  --checkpoint HF_DIR     the Hugging Face checkpoint to start from (required)\n"
-    "  --steps N               optimizer steps in total, counting resumed ones (required, >= 0)\n"
-    "  --out RUN_DIR           where checkpoints and the converted model go (required)\n"
-    "  --resume                continue from the latest RUN_DIR/checkpoint-K (weights, AdamW state, step), saved by\n"
-    "                          any rank count; starts from HF_DIR when there is none\n"
-    "  --save-every K          also save RUN_DIR/checkpoint-K every K steps (default 0: only at the end)\n"
-    "  --lr X                  AdamW learning rate (default 3e-4)\n"
-    "  --weight-decay X        AdamW decoupled weight decay (default 0)\n"
-    "  --beta1 X, --beta2 X    AdamW moment decays (default 0.9, 0.999)\n"
-    "  --eps X                 AdamW epsilon (default 1e-8)\n"
-    "  --clip X                clip gradients to global L2 norm X (default 1.0; 0 = no clipping)\n"
-    "  --ep E                  ranks per expert-parallel group (default: all ranks; the rest are replicas)\n"
+    "  --steps N               optimizer steps in total, counting resumed ones (required, 0..10^12)\n"
+    "  --out RUN_DIR           where checkpoints and the converted model go (required): a directory or a new path,\n"
+    "                          not inside HF_DIR; RUN_DIR/checkpoint-K and RUN_DIR/hf are replaced when written\n"
+    "  --resume                continue from the newest RUN_DIR/checkpoint-K (weights, AdamW state, step), saved by\n"
+    "                          any rank count; starts from HF_DIR when RUN_DIR holds no checkpoint-K; a newest\n"
+    "                          checkpoint-K without a readable manifest.h5 is an error (move it away to resume\n"
+    "                          from the one before)\n"
+    "  --save-every K          also save RUN_DIR/checkpoint-K every K steps (default 0: only at the end; 0..10^12)\n"
+    "  --lr X                  AdamW learning rate (default 3e-4; >= 0)\n"
+    "  --weight-decay X        AdamW decoupled weight decay (default 0; >= 0)\n"
+    "  --beta1 X, --beta2 X    AdamW moment decays (default 0.9, 0.999; in [0, 1))\n"
+    "  --eps X                 AdamW epsilon (default 1e-8; > 0, at least the smallest normal number of the\n"
+    "                          precision: 1.2e-38 for f32); lr / (1 - beta1) and lr * weight_decay must also be\n"
+    "                          finite in the precision\n"
+    "  --clip X                clip gradients to global L2 norm X (default 1.0; 0 = no clipping; >= 0)\n"
+    "  --ep E                  ranks per expert-parallel group (default: all ranks; the rest are replicas; >= 1)\n"
     "  --data FILE             recorded hidden states (see above) instead of the synthetic task\n"
-    "  --tokens T              synthetic task: tokens per step over all ranks (default 256)\n"
-    "  --batches B             synthetic task: batches in the data set (default 1: the same batch every step)\n"
-    "  --perturb X             synthetic task: relative perturbation of the teacher (default 0.1)\n"
-    "  --seed S                synthetic task: seed of inputs and teacher (default 0)\n"
+    "  --tokens T              synthetic task: tokens per step over all ranks (default 256; >= 1, and a step's\n"
+    "                          activations must fit in this machine's memory)\n"
+    "  --batches B             synthetic task: batches in the data set (default 1: the same batch every step;\n"
+    "                          1..10^12)\n"
+    "  --perturb X             synthetic task: relative perturbation of the teacher (default 0.1; 0..1000)\n"
+    "  --seed S                synthetic task: seed of inputs and teacher (default 0; >= 0)\n"
     "  --backend serial|openmp|cuda  Kokkos execution space (default: Kokkos' default)\n"
     "  --precision f32|f64|bf16  what the blocks compute in (default f32; bf16 on --backend cuda: the bf16 CUDA block\n"
     "                          on a bf16 copy of fp32 master weights, fp32 gradients and AdamW state; f32/f64 there\n"
@@ -74,7 +85,8 @@ const char* const kHelp =
     "  --comm auto|nccl|mpi    --backend cuda under mpirun: NCCL (one GPU per rank) or MPI over device buffers (ranks\n"
     "                          may share a GPU); auto = NCCL when built and no two ranks share a GPU\n"
     "  --no-convert            skip the final conversion into RUN_DIR/hf\n"
-    "exit codes: 0 done, 1 bad input (checkpoint, data, resumed state), 2 bad usage\n";
+    "A value that starts with -- is given as --name=VALUE.\n"
+    "exit codes: 0 done, 1 bad input (checkpoint, data, resumed state, a path the system refuses), 2 bad usage\n";
 
 #if KMOE_ENABLE_MPI && KMOE_ENABLE_HDF5
 
@@ -92,6 +104,89 @@ struct Settings {
 };
 
 std::string checkpoint_name(std::int64_t step) { return "checkpoint-" + std::to_string(step); }
+
+// --out: a directory, or a path that does not exist yet (the first save creates it). Checked before any work, so that
+// a run never trains for hours to fail at its first save.
+void check_run_dir(const Settings& s) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(s.run_dir, ec);
+  if (st.type() == fs::file_type::not_found && (!ec || ec == std::errc::no_such_file_or_directory)) return;
+  KMOE_CHECK_INPUT(!ec, "--out ", s.run_dir.string(), ": ", ec.message());
+  KMOE_CHECK_USAGE(fs::is_directory(st), "--out ", s.run_dir.string(), ": exists and is not a directory");
+}
+
+// Saves replace RUN_DIR/checkpoint-K and the conversion replaces RUN_DIR/hf as a whole: neither may hold an input,
+// and RUN_DIR may not lie inside HF_DIR (the run would write into the checkpoint it reads).
+void check_run_dir_apart(const Settings& s) {
+  const fs::path run = resolved_path({"--out", s.run_dir});
+  for (const NamedPath& in : {NamedPath{"--checkpoint", s.hf_dir}, NamedPath{"--data", s.data}}) {
+    if (in.path.empty()) continue;
+    const fs::path i = resolved_path(in);
+    KMOE_CHECK_USAGE(!path_within(run, i), "--out ", s.run_dir.string(), (run == i ? " is " : " lies inside "), in.name,
+                     " ", in.path.string(), ": choose a run directory apart from the inputs");
+    if (i == run || !path_within(i, run)) continue;
+    const std::string first = i.lexically_relative(run).begin()->string();
+    KMOE_CHECK_USAGE(!(s.convert && first == "hf") && first.rfind("checkpoint-", 0) != 0, in.name, " ",
+                     in.path.string(), (i == run / first ? " is " : " lies inside "), (s.run_dir / first).string(),
+                     ", which kmoe finetune replaces: move it out of --out ", s.run_dir.string());
+  }
+}
+
+// The checkpoint --resume continues from: RUN_DIR/checkpoint-K with the largest K, which must be complete; empty when
+// RUN_DIR holds none (a fresh start from HF_DIR). A newest checkpoint-K without a readable manifest is an InputError
+// naming it, never a silent fresh start: that would drop the run's progress, and the next save of step K would
+// replace the directory.
+fs::path resume_point(const fs::path& run_dir) {
+  std::error_code ec;
+  if (fs::status(run_dir, ec).type() == fs::file_type::not_found) return {};
+  fs::directory_iterator it(run_dir, ec);
+  KMOE_CHECK_INPUT(!ec, "--resume: cannot list ", run_dir.string(), ": ", ec.message());
+  fs::path newest;
+  std::int64_t newest_step = -1;
+  for (; it != fs::directory_iterator(); it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const std::string digits = name.rfind("checkpoint-", 0) == 0 ? name.substr(11) : std::string();
+    // The names finetune writes: checkpoint_name(K), K without leading zeros.
+    if (digits.empty() || digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::int64_t k = std::stoll(digits);
+    if (checkpoint_name(k) == name && k > newest_step) {
+      newest_step = k;
+      newest = it->path();
+    }
+  }
+  KMOE_CHECK_INPUT(!ec, "--resume: cannot list ", run_dir.string(), ": ", ec.message());
+  KMOE_CHECK_INPUT(newest.empty() || io::is_hdf5_checkpoint(newest), "--resume: ", newest.string(),
+                   ", the newest checkpoint of ", run_dir.string(),
+                   ", has no readable manifest.h5 (damaged or not written by kmoe finetune); move it out of ",
+                   run_dir.string(), " to resume from the one before");
+  return newest;
+}
+
+// Every layer that has a MoE tensor is trained, so each must be complete: a layer with, say, its experts but not its
+// router is an InputError naming the missing tensor (as kmoe block says), never a layer silently left out.
+void check_moe_layers_complete(const io::HfCheckpoint& hf, const io::ModelSpec& spec, const std::vector<int>& layers) {
+  for (const auto& name : hf.tensor_names()) {
+    int layer = -1;
+    if (!io::is_moe_tensor(spec, name, &layer) || std::find(layers.begin(), layers.end(), layer) != layers.end())
+      continue;
+    for (const auto& e : io::moe_layer_tensors(spec, hf.config(), layer))
+      KMOE_CHECK_INPUT(hf.has(e.name), hf.dir().string(), ": MoE layer ", layer, " has tensor ", name, " but not ",
+                       e.name, " (", spec.architecture, ")");
+  }
+}
+
+// The synthetic task's activations for one step, before anything is allocated: each rank holds, for its share of
+// --tokens, at least x, the target, y and dy of the layer in progress and dx of every layer until the update
+// (a lower bound: the layers' own buffers come on top).
+void check_tokens_fit(const Settings& s, const io::ModelConfig& c, std::size_t layers, int ranks, std::size_t bytes) {
+  if (!s.data.empty()) return;  // --data: the file's rows, bounded by the file
+  const double rows = std::ceil(static_cast<double>(s.tokens) / ranks);
+  const double need = rows * static_cast<double>(c.hidden_size) * static_cast<double>(4 + layers) * bytes;
+  check_fits_in_memory("tokens", std::to_string(s.tokens), need,
+                       "the synthetic task (" + std::to_string(static_cast<long long>(rows)) + " tokens per rank x " +
+                           "hidden_size " + std::to_string(c.hidden_size) + " x " + std::to_string(4 + layers) +
+                           " activations of " + std::to_string(bytes) + " bytes)");
+}
 
 // A RankGroup (io's collective hook for saves) over a kmoe communicator.
 io::RankGroup rank_group(comm::Communicator& world) {
@@ -216,12 +311,14 @@ class Trainer {
     layers_ = io::find_moe_layers(hf_, spec_);
     KMOE_CHECK_INPUT(!layers_.empty(), s.hf_dir.string(), ": no MoE layer found (architecture ", spec_.architecture,
                      ")");
+    check_moe_layers_complete(hf_, spec_, layers_);
+    check_tokens_fit(s, hf_.config(), layers_.size(), world_.size(), sizeof(T));
     layout_ = std::make_unique<comm::ExpertParallel>(world_, hf_.config().num_experts, s.ep);
     moe::MoeOptions options = s.options;
     options.top_k = hf_.config().top_k;
 
     fs::path resume_from;
-    if (s.resume) resume_from = io::latest_checkpoint(s.run_dir);
+    if (s.resume) resume_from = resume_point(s.run_dir);
     std::unique_ptr<io::Hdf5Checkpoint> ck;
     if (!resume_from.empty()) {
       ck = std::make_unique<io::Hdf5Checkpoint>(io::Hdf5Checkpoint::open(resume_from));
@@ -279,6 +376,11 @@ class Trainer {
       const auto t0 = std::chrono::steady_clock::now();
       const auto [loss, norm] = train_step(step);  // ends with the optimizer's fence: the step's work is done
       const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      // loss and norm are global (the same on every rank): a non-finite one means the weights or the inputs are no
+      // longer numbers, and every later step and save would carry that silently.
+      KMOE_CHECK_INPUT(std::isfinite(loss) && std::isfinite(norm), "step ", step, ": loss ", loss, ", gradient norm ",
+                       norm, " are not finite (training diverged: a smaller --lr? or non-finite values in the ",
+                       s_.data.empty() ? "checkpoint" : "checkpoint or --data", "); nothing of this step is saved");
       if (root) {
         char line[200];
         std::snprintf(line, sizeof line, "step %lld/%lld loss %.9e grad_norm %.6e time_ms %.3f\n",
@@ -491,62 +593,73 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
              "data", "tokens", "batches", "perturb", "seed", "precision", "backend", "engine", "comm"},
             {"resume", "no-convert"});
   args.expect_positionals(0, 0, "no positional arguments");
+  constexpr long long kMaxCount = 1000000000000;  // steps, batches: 10^12, beyond any run and far from overflow
+  constexpr long long kMaxInt = std::numeric_limits<int>::max();
   Settings s;
   s.hf_dir = args.required("checkpoint");
   s.run_dir = args.required("out");
-  s.steps = args.get_int("steps", -1);
-  KMOE_CHECK_USAGE(args.has("steps") && s.steps >= 0, "--steps N (N >= 0) is required");
-  s.save_every = args.get_int("save-every", 0);
-  KMOE_CHECK_USAGE(s.save_every >= 0, "--save-every must be >= 0, got ", s.save_every);
-  s.adamw.lr = args.get_double("lr", 3e-4);
-  s.adamw.weight_decay = args.get_double("weight-decay", 0.0);
-  s.adamw.beta1 = args.get_double("beta1", 0.9);
-  s.adamw.beta2 = args.get_double("beta2", 0.999);
-  s.adamw.eps = args.get_double("eps", 1e-8);
-  KMOE_CHECK_USAGE(s.adamw.lr >= 0 && s.adamw.beta1 >= 0 && s.adamw.beta1 < 1 && s.adamw.beta2 >= 0 &&
-                       s.adamw.beta2 < 1 && s.adamw.eps > 0 && s.adamw.weight_decay >= 0,
-                   "AdamW needs lr >= 0, 0 <= beta < 1, eps > 0, weight decay >= 0");
-  s.clip = args.get_double("clip", 1.0);
-  KMOE_CHECK_USAGE(s.clip >= 0, "--clip must be >= 0, got ", s.clip);
-  s.ep = static_cast<int>(args.get_int("ep", 0));
-  KMOE_CHECK_USAGE(s.ep >= 0, "--ep must be >= 1, got ", s.ep);
-  s.data = args.get("data", "");
-  s.tokens = args.get_int("tokens", 256);
-  KMOE_CHECK_USAGE(s.tokens >= 1, "--tokens must be >= 1, got ", s.tokens);
-  s.batches = args.get_int("batches", 1);
-  KMOE_CHECK_USAGE(s.batches >= 1, "--batches must be >= 1, got ", s.batches);
-  s.perturb = args.get_double("perturb", 0.1);
-  s.seed = static_cast<std::uint64_t>(args.get_int("seed", 0));
-  s.resume = args.flag("resume");
-  s.convert = !args.flag("no-convert");
+  KMOE_CHECK_USAGE(args.has("steps"), "--steps N (N >= 0) is required");
+  s.steps = args.get_int("steps", 0, 0, kMaxCount);
+  s.save_every = args.get_int("save-every", 0, 0, kMaxCount);
   const std::string backend = args.get_choice("backend", "", {"", "serial", "openmp", "cuda"});
   const std::string precision =
       args.get_choice("precision", backend == "cuda" ? "bf16" : "f32", {"f32", "f64", "bf16"});
   KMOE_CHECK_USAGE(precision != "bf16" || backend == "cuda", "--precision bf16 runs on --backend cuda only");
+  s.adamw.lr = args.get_double("lr", 3e-4, {0});
+  s.adamw.weight_decay = args.get_double("weight-decay", 0.0, {0});
+  s.adamw.beta1 = args.get_double("beta1", 0.9, {0, 1, false, true});
+  s.adamw.beta2 = args.get_double("beta2", 0.999, {0, 1, false, true});
+  s.adamw.eps = args.get_double("eps", 1e-8, {0, std::numeric_limits<double>::infinity(), true});
+  // AdamW's update runs in the training precision: its constants must be finite there, and eps must not round to 0
+  // (0 / 0 for a parameter whose gradient and moments are 0).
+  const bool f32 = precision != "f64";  // bf16 blocks train fp32 master weights
+  const double largest = f32 ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max();
+  const double smallest = f32 ? std::numeric_limits<float>::min() : std::numeric_limits<double>::min();
+  const char* master = f32 ? "f32" : "f64";
+  KMOE_CHECK_USAGE(s.adamw.eps >= smallest, "--eps ", args.get("eps", ""), " is below the smallest normal number of ",
+                   master, " (", smallest, ")");
+  KMOE_CHECK_USAGE(s.adamw.lr / (1 - s.adamw.beta1) <= largest && s.adamw.lr * s.adamw.weight_decay <= largest,
+                   "--lr ", args.get("lr", "3e-4"), " with --beta1 ", args.get("beta1", "0.9"), " and --weight-decay ",
+                   args.get("weight-decay", "0"),
+                   " overflows ", master, " in the AdamW update (lr / (1 - beta1) and lr * weight_decay must be ",
+                   "finite)");
+  s.clip = args.get_double("clip", 1.0, {0});
+  s.ep = static_cast<int>(args.get_int("ep", 0, 1, kMaxInt));
+  s.data = args.get("data", "");
+  s.tokens = args.get_int("tokens", 256, 1, std::numeric_limits<long long>::max());
+  s.batches = args.get_int("batches", 1, 1, kMaxCount);
+  s.perturb = args.get_double("perturb", 0.1, {0, 1000});
+  s.seed = static_cast<std::uint64_t>(args.get_int("seed", 0, 0, std::numeric_limits<long long>::max()));
+  s.resume = args.flag("resume");
+  s.convert = !args.flag("no-convert");
   s.options.gemm = parse_engine(args.get_choice("engine", "auto", {"auto", "blas", "kokkos", "cutlass"}));
   const std::string comm_choice = args.get_choice("comm", "auto", {"auto", "nccl", "mpi"});
 #if !KMOE_ENABLE_CUDA
   KMOE_CHECK_USAGE(backend != "cuda", "--backend cuda needs a kmoe built with KMOE_ENABLE_CUDA=ON");
 #endif
+  check_run_dir(s);
+  check_run_dir_apart(s);
 
   Runtime runtime(argc, argv);
   auto world = comm::MpiCommunicator::world();
   return comm::run_or_abort(*world, "kmoe finetune", [&] {
+    return translating_filesystem_errors([&] {
 #if KMOE_ENABLE_CUDA
-    if (backend == "cuda") {
-      // GPU ranks exchange device buffers: NCCL (a GPU per rank) or MPI over device buffers (ranks sharing a GPU).
-      auto devices = device_world(comm_choice);
-      if (precision == "bf16") train<float, Kokkos::Cuda, bf16>(s, *devices);  // fp32 masters, bf16 block
-      else if (precision == "f64") train<double, Kokkos::Cuda>(s, *devices);
-      else train<float, Kokkos::Cuda>(s, *devices);
-      return 0;
-    }
+      if (backend == "cuda") {
+        // GPU ranks exchange device buffers: NCCL (a GPU per rank) or MPI over device buffers (ranks sharing a GPU).
+        auto devices = device_world(comm_choice);
+        if (precision == "bf16") train<float, Kokkos::Cuda, bf16>(s, *devices);  // fp32 masters, bf16 block
+        else if (precision == "f64") train<double, Kokkos::Cuda>(s, *devices);
+        else train<float, Kokkos::Cuda>(s, *devices);
+        return 0;
+      }
 #endif
-    if (precision == "f64")
-      train_on_backend<double>(s, *world, backend);
-    else
-      train_on_backend<float>(s, *world, backend);
-    return 0;
+      if (precision == "f64")
+        train_on_backend<double>(s, *world, backend);
+      else
+        train_on_backend<float>(s, *world, backend);
+      return 0;
+    });
   });
 }
 

@@ -1,5 +1,5 @@
 // kmoe: the command-line entry point. Dispatches to a subcommand; maps kmoe's errors to exit codes:
-// 0 success, 1 bad input (InputError), 2 bad usage (UsageError), 3 internal error.
+// 0 success, 1 bad input (InputError, or a path the system refuses), 2 bad usage (UsageError), 3 internal error.
 #include "cli.hpp"
 
 #include <kmoe/core/openmp_env.hpp>
@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 #include <iostream>
 
 namespace {
@@ -75,6 +76,10 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const kmoe::InputError& e) {
     std::cerr << "kmoe " << cmd->name << ": " << e.what() << "\n";
+    return 1;
+  } catch (const std::filesystem::filesystem_error& e) {
+    // A path the user gave that the system refuses (a symlink loop, a permission): bad input, not a bug.
+    std::cerr << "kmoe " << cmd->name << ": " << kmoe::cli::describe(e) << "\n";
     return 1;
   } catch (const std::exception& e) {
     std::cerr << "kmoe " << cmd->name << ": " << e.what() << "\n";
