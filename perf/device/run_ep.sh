@@ -2,7 +2,7 @@
 # Device half of the one-block run (one call per stage list): the bf16 block composed in moe/, on one GPU and under
 # expert parallelism. Here: perf/device/pack_mpi.sh (with KMOE_TARGETS covering the binaries below) and, for the
 # before/after comparison, a moe_peer_bench built from the previous commit copied to .carry/before/.
-#   there:  bash perf/device/run_ep.sh [tests,ep,perf,bench,block,finetune]
+#   there:  bash perf/device/run_ep.sh [tests,ep,perf,bench,block,finetune,multi]   (multi: several GPUs)
 # Output: logs and JSON lines under $OUT; a summary last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -122,6 +122,19 @@ if has finetune; then
   note "finetune np2 cuda bf16 (MPI device, one GPU): rc $?"
   paste <(grep '^step' "$OUT/ft_np1.log" | awk '{print $2, $4, $8}') <(grep '^step' "$OUT/ft_np2.log" | awk '{print $4, $8}') |
     awk 'BEGIN{print "step      loss np1         loss np2      rel diff   ms np1  ms np2"} {d=($2-$4)/$2; if(d<0)d=-d; printf "%-6s %.9e %.9e %.2e %7.2f %7.2f\n", $1, $2, $4, d, $3, $5}'
+fi
+
+if has multi; then
+  # One rank per GPU over NCCL (nvidia-h200-x2/-x4/-x8): the EP test against one GPU, the weak-scaling table (8192
+  # tokens per rank, ep = n), and the main job at scale; NCCL_NVLS_ENABLE=0 comes from mpi_env.sh.
+  n=$(nvidia-smi -L | wc -l)
+  export KOKKOS_NUM_DEVICES=$n
+  timeout 300 $MPIRUN -np $n -x KOKKOS_NUM_DEVICES "$B/tests/test_comm_distributed_moe_cuda_np1" --gtest_brief=1 \
+    > "$OUT/ep_nccl_np$n.log" 2>&1
+  note "EP test, $n GPUs (NCCL): rc $?"
+  timeout 300 $MPIRUN -np $n -x KOKKOS_NUM_DEVICES "$B/bench_ep_bf16" --comm nccl --tokens 8192 > "$OUT/ep_bench_np$n.txt" 2>&1
+  note "bench_ep_bf16 $n GPUs: rc $?"
+  cat "$OUT/ep_bench_np$n.txt"
 fi
 
 echo "==== summary"
