@@ -48,7 +48,7 @@ stage_perf() {
   # PERF_SHAPES and PERF_ROUNDS (alternations) adjust it; the table compares medians of the per-run medians and the
   # minima over all steps.
   local args="--shapes ${PERF_SHAPES:-mixtral-T8192,mixtral-T2048,finegrained-T8192} --paths scatter --grads bf16"
-  args="$args --warmup 5 --reps ${PERF_REPS:-20}"
+  args="$args --warmup 5 --reps ${PERF_REPS:-20} ${PERF_EXTRA:-}"
   for rep in $(seq 1 "${PERF_ROUNDS:-2}"); do
     .carry/before/moe_peer_bench $args > "$OUT/before$rep.jsonl" 2> "$OUT/before$rep.log"
     "$B/moe_peer_bench" $args > "$OUT/after$rep.jsonl" 2> "$OUT/after$rep.log"
