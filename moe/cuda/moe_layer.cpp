@@ -8,6 +8,7 @@
 #include <kmoe/core/cuda/kernels.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 
@@ -79,10 +80,16 @@ class Carver {
 /// A device buffer that grows (never shrinks); growing is the only allocation (and so the only implicit
 /// synchronisation) of a training loop whose shapes repeat.
 using DeviceBytes = Kokkos::View<unsigned char*, Kokkos::CudaSpace>;
+/// Makes `buffer` hold at least `bytes` from its 256-byte aligned start (Kokkos' allocation header leaves the data
+/// 128-byte aligned; the carved tensors start on 256 bytes like cudaMalloc's).
 void ensure(DeviceBytes& buffer, std::size_t bytes, const char* label) {
-  if (buffer.extent(0) >= bytes) return;
+  if (buffer.extent(0) >= bytes + 256) return;
   buffer = DeviceBytes();
-  buffer = DeviceBytes(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), bytes);
+  buffer = DeviceBytes(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), bytes + 256);
+}
+void* aligned_start(const DeviceBytes& buffer) {
+  const auto p = reinterpret_cast<std::uintptr_t>(buffer.data());
+  return reinterpret_cast<void*>((p + 255) / 256 * 256);
 }
 
 }  // namespace
@@ -205,7 +212,7 @@ void CudaBlock::carve_tokens(std::int64_t rows, bool expert_rows_here) {
   Carver count;
   lay(count);
   ensure(work_, count.used(), "kmoe::moe::cuda_workspace");
-  Carver carve(work_.data());
+  Carver carve(aligned_start(work_));
   lay(carve);
 }
 
@@ -272,8 +279,9 @@ void CudaBlock::plan_exchange(ExpertExchange& ex, const Kokkos::Cuda& space) {
   };
   Carver count;
   lay(count);
-  if (local_work_.extent(0) < count.used()) ensure(local_work_, count.used() + count.used() / 4, "kmoe::moe::cuda_ep_workspace");
-  Carver carve(local_work_.data());
+  if (local_work_.extent(0) < count.used() + 256)
+    ensure(local_work_, count.used() + count.used() / 4, "kmoe::moe::cuda_ep_workspace");
+  Carver carve(aligned_start(local_work_));
   lay(carve);
   // Offsets and tile offsets of the local groups to the device (the kernel and CUTLASS engines read them there).
   std::int64_t* up = pinned_.data() + E;
@@ -292,6 +300,8 @@ void CudaBlock::forward(const kc::bf16_t* x, const MoeWeights<bf16, Kokkos::Cuda
   cudaStream_t stream = space.cuda_stream();
   const std::int64_t T = tokens_, P = pairs(), H = hidden_;
   const bool padded = opt_.padded;
+  // A group of one rank exchanges nothing: its block is the one-GPU block (every expert is local).
+  if (ex && ex->size() == 1) ex = nullptr;
   exchanged_ = ex != nullptr;
   consumed_ = false;
   mlp_ = kc::ExpertMlp{};
@@ -388,6 +398,7 @@ void CudaBlock::backward(const kc::bf16_t* x, const MoeWeights<bf16, Kokkos::Cud
   cudaStream_t stream = space.cuda_stream();
   const std::int64_t T = tokens_, P = pairs(), H = hidden_;
   const bool padded = opt_.padded;
+  if (!exchanged_) ex = nullptr;  // the forward ran as one GPU's block (one rank, or no exchange)
   consumed_ = true;
   kc::ExpertMlpGrads g;
   if (expert_grads) {

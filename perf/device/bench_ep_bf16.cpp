@@ -5,7 +5,8 @@
 //          [--impl scatter|padded] [--warmup 3] [--reps 10] [--seed 1]
 // Shapes: mixtral H=4096 F=14336 E=8 k=2, finegrained H=2048 F=768 E=64 k=8; T tokens per rank (default 8192).
 // Per shape, on every rank (the table shows the slowest rank of each repetition, then the median):
-//   ep_ms       DistributedMoe forward + backward (gradients not reduced), ep = N
+//   ep_ms       DistributedMoe forward + backward (gradients not reduced), ep = N (a group of one rank exchanges
+//               nothing: at N = 1 it is the one-GPU block plus the layer's EP bookkeeping)
 //   local_ms    MoeLayer<bf16, Kokkos::Cuda> forward + backward on the same T tokens with all experts (one GPU doing
 //               its per-rank share); ep_ms / local_ms at N = 1 is the expert-parallel path's overhead
 //   exch        the layer's four row exchanges timed alone (fenced before, waited after): bytes this rank sent per
@@ -202,7 +203,9 @@ bool run_shape(const Options& o, const Shape& s, comm::Communicator& world, comm
     exch_bytes.push_back(st.bytes);
   }
   ep.time_exchanges(false);
-  const double ex_s = slowest_median(exch_s, mpi), ex_bytes = median(exch_bytes);
+  const double ex_s = slowest_median(exch_s, mpi);
+  double ex_bytes = median(exch_bytes);  // the plain all-to-all below moves the largest rank's bytes on every rank
+  KMOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &ex_bytes, 1, MPI_DOUBLE, MPI_MAX, mpi.native()));
   // A plain all-to-all of the same bytes, equal splits (bf16 rows of H).
   const std::int64_t rows_per_peer = std::max<std::int64_t>(1, std::int64_t(ex_bytes / 4 / n / (2 * H)));
   Layer::matrix send("send", rows_per_peer * n, H), recv("recv", rows_per_peer * n, H);
@@ -232,10 +235,12 @@ bool run_shape(const Options& o, const Shape& s, comm::Communicator& world, comm
   }
   const double bus = n > 1 ? double(n - 1) / n : 1.0;
   if (me == 0) {
+    // One rank exchanges nothing (its block is the one-GPU block): no exchange columns then.
+    const double algbw = ex_s > 0 ? ex_bytes / ex_s / 1e9 : 0.0;
     std::printf("%-12s %5lld %3d %3d  %9.3f %9.3f %7.3f  %10.3e %8.3f %8.2f %8.2f  %8.3f %8.2f  %7.1f  %s %s\n", s.name,
-                (long long)T, n, int(mine.count), ep_ms, local_ms, ep_ms / local_ms, ex_bytes, ex_s * 1e3,
-                ex_bytes / ex_s / 1e9, ex_bytes / ex_s / 1e9 * bus, plain_s * 1e3, plain_bytes / plain_s / 1e9 * bus,
-                median(copy_us), ep.layer().gemm_engine(), finite ? "ok" : "NON-FINITE");
+                (long long)T, n, int(mine.count), ep_ms, local_ms, ep_ms / local_ms, ex_bytes, ex_s * 1e3, algbw,
+                algbw * bus, plain_s * 1e3, plain_bytes / plain_s / 1e9 * bus, median(copy_us),
+                ep.layer().gemm_engine(), finite ? "ok" : "NON-FINITE");
     std::fflush(stdout);
   }
   double ok = finite ? 0 : 1;

@@ -142,10 +142,12 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int 
            : engine == GemmEngine::Cutlass ? kmoe::core::GemmAlgo::Cutlass
                                            : kmoe::core::GemmAlgo::Auto;
   if (fuse >= 0) o.fuse_swiglu = fuse == 1;
-  // The layer's stream: one of its own, so that graph capture works (the legacy default stream cannot be captured).
-  cudaStream_t gs = nullptr;
-  KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
-  Layer layer(w, o, Kokkos::Cuda(gs));
+  // The layer's stream: Kokkos' default instance, or with --graph one of its own (the legacy default stream cannot be
+  // captured).
+  cudaStream_t own = nullptr;
+  if (graph) KMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&own, cudaStreamNonBlocking));
+  Layer layer(w, o, graph ? Kokkos::Cuda(own) : Kokkos::Cuda());
+  cudaStream_t gs = layer.space().cuda_stream();
   auto forward = [&] { layer.forward(x, y); };
   auto backward = [&] {
     if (bf16_grads) layer.backward(dy, g, g16);
@@ -221,7 +223,7 @@ Result run_one(const Shape& s, MoePath path, GemmEngine engine, bool graph, int 
              finite_f32(g.grads.router.data(), E * H) &&
              (bf16_grads ? finite_bf16(reinterpret_cast<const bf16_t*>(g16.w2.data()), E * H * F)
                          : finite_f32(g.grads.w2.data(), E * H * F));
-  KMOE_CUDA_CHECK(cudaStreamDestroy(gs));
+  if (own) KMOE_CUDA_CHECK(cudaStreamDestroy(own));
   return r;
 }
 

@@ -2,8 +2,8 @@
 # Device half of the one-block run (one call per stage list): the bf16 block composed in moe/, on one GPU and under
 # expert parallelism. Here: perf/device/pack_mpi.sh (with KMOE_TARGETS covering the binaries below) and, for the
 # before/after comparison, a moe_peer_bench built from the previous commit copied to .carry/before/.
-#   there:  bash perf/device/run_ep.sh [tests,ep,perf,bench,block,finetune]
-# Output: logs and JSON lines under $OUT; a summary last.
+#   there:  bash perf/device/run_ep.sh [tests,ep,perf,bench,block,finetune,multi]   (multi: several GPUs)
+# Stages run in the order given. Output: logs and JSON lines under $OUT; a summary last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 stages=${1:-tests,ep,perf,bench,block,finetune}
@@ -15,13 +15,12 @@ mkdir -p /work
 [ -e /work/main ] || ln -s "$PWD" /work/main
 [ -e /work/shared ] || ln -s "$PWD/.carry/shared" /work/shared
 B=$KMOE_MPI_BUILD/bin
-has() { [[ ",$stages," == *",$1,"* ]]; }
 echo "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
 cat .carry/BUILD_INFO 2>/dev/null | head -n 3
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
 
-if has tests; then
+stage_tests() {
   for t in test_cuda_smoke test_cuda_routing test_cuda_moe test_cuda_moe_layer test_cuda_cutlass; do
     timeout 300 "$B/tests/$t" --gtest_brief=1 > "$OUT/$t.log" 2>&1
     note "$t: rc $? ($(grep -E '^\[  (PASSED|FAILED)' "$OUT/$t.log" | tr '\n' ' '))"
@@ -35,50 +34,55 @@ if has tests; then
     timeout 120 $MPIRUN -np $np "$B/tests/test_comm_mpi_device_np2" --gtest_brief=1 > "$OUT/mpi_device_np$np.log" 2>&1
     note "test_comm_mpi_device np$np: rc $?"
   done
-fi
+}
 
-if has ep; then
+stage_ep() {
   for np in 1 2 3 4; do
     timeout 300 $MPIRUN -np $np "$B/tests/test_comm_distributed_moe_cuda_np1" --gtest_brief=1 > "$OUT/ep_np$np.log" 2>&1
     note "test_comm_distributed_moe_cuda np$np: rc $? ($(grep -c 'Failure' "$OUT/ep_np$np.log") failure lines)"
   done
-fi
+}
 
-if has perf; then
-  # The bf16 block before (the previous commit's binary) and after, interleaved, same shapes, bf16 weight gradients.
-  args="--shapes mixtral-T8192,mixtral-T2048,finegrained-T8192 --paths scatter --grads bf16 --warmup 5 --reps 20"
-  for rep in 1 2; do
+stage_perf() {
+  # The bf16 block before (the previous commit's binary) and after, alternated, same shapes, bf16 weight gradients.
+  # PERF_SHAPES and PERF_ROUNDS (alternations) adjust it; the table compares medians of the per-run medians and the
+  # minima over all steps.
+  local args="--shapes ${PERF_SHAPES:-mixtral-T8192,mixtral-T2048,finegrained-T8192} --paths scatter --grads bf16"
+  args="$args --warmup 5 --reps ${PERF_REPS:-20} ${PERF_EXTRA:-}"
+  for rep in $(seq 1 "${PERF_ROUNDS:-2}"); do
     .carry/before/moe_peer_bench $args > "$OUT/before$rep.jsonl" 2> "$OUT/before$rep.log"
     "$B/moe_peer_bench" $args > "$OUT/after$rep.jsonl" 2> "$OUT/after$rep.log"
   done
+  cat "$OUT"/before*.jsonl > "$OUT/before.jsonl"; cat "$OUT"/after*.jsonl > "$OUT/after.jsonl"
+  rm -f "$OUT"/before[0-9]*.jsonl "$OUT"/after[0-9]*.jsonl "$OUT"/before[0-9]*.log "$OUT"/after[0-9]*.log
   python3 - "$OUT" <<'PY'
 import json, sys, statistics, os
 out = sys.argv[1]
 rows = {}
 for tag in ("before", "after"):
-    for rep in (1, 2):
-        for line in open(os.path.join(out, f"{tag}{rep}.jsonl")):
-            r = json.loads(line)
-            key = (r["shape"], r["T"])
-            rows.setdefault(key, {}).setdefault(tag, []).append(r.get("ms_median"))
-print("shape          T     before ms (2 runs)    after ms (2 runs)     after/before")
+    for line in open(os.path.join(out, f"{tag}.jsonl")):
+        r = json.loads(line)
+        d = rows.setdefault((r["shape"], r["T"]), {}).setdefault(tag, {"med": [], "min": []})
+        d["med"].append(r["ms_median"]); d["min"].append(r["ms_min"])
+print("shape          T   runs  before: median of medians / min   after: median of medians / min   ratio med / min")
 for (shape, T), d in sorted(rows.items()):
-    b, a = d.get("before", []), d.get("after", [])
-    ratio = statistics.median(a) / statistics.median(b) if a and b and None not in a + b else float("nan")
-    print(f"{shape:12s} {T:6d}  {' '.join(f'{x:8.3f}' for x in b):20s} {' '.join(f'{x:8.3f}' for x in a):20s}  {ratio:.4f}")
+    b, a = d["before"], d["after"]
+    bm, am = statistics.median(b["med"]), statistics.median(a["med"])
+    print(f"{shape:12s} {T:6d} {len(b['med']):4d}   {bm:9.3f} / {min(b['min']):9.3f}            "
+          f"{am:9.3f} / {min(a['min']):9.3f}            {am / bm:.4f} / {min(a['min']) / min(b['min']):.4f}")
 PY
-fi
+}
 
-if has bench; then
+stage_bench() {
   timeout 240 $MPIRUN -np 1 "$B/bench_ep_bf16" --shapes mixtral,finegrained --tokens 8192 > "$OUT/ep_bench_np1.txt" 2>&1
   note "bench_ep_bf16 np1: rc $?"
   cat "$OUT/ep_bench_np1.txt"
   timeout 240 $MPIRUN -np 2 "$B/bench_ep_bf16" --shapes finegrained --tokens 2048 --comm mpi --reps 5 > "$OUT/ep_bench_np2.txt" 2>&1
   note "bench_ep_bf16 np2 (one GPU, MPI device): rc $?"
   cat "$OUT/ep_bench_np2.txt"
-fi
+}
 
-if has block; then
+stage_block() {
   ck=.carry/shared/testdata/mixtral-tiny
   in=$ck/mixtral-tiny-ref.safetensors
   for impl in scatter padded; do
@@ -110,9 +114,9 @@ for impl in ("scatter", "padded"):
     print(" | ".join(line))
 PY
   for f in "$OUT"/*.st; do rm -f "$f"; done
-fi
+}
 
-if has finetune; then
+stage_finetune() {
   rm -rf /tmp/ft1 /tmp/ft2
   ck=tests/data/granitemoe-tiny
   mpi1 "$B/kmoe" finetune --checkpoint $ck --steps 10 --out /tmp/ft1 --backend cuda --tokens 512 --no-convert > "$OUT/ft_np1.log" 2>&1
@@ -122,7 +126,21 @@ if has finetune; then
   note "finetune np2 cuda bf16 (MPI device, one GPU): rc $?"
   paste <(grep '^step' "$OUT/ft_np1.log" | awk '{print $2, $4, $8}') <(grep '^step' "$OUT/ft_np2.log" | awk '{print $4, $8}') |
     awk 'BEGIN{print "step      loss np1         loss np2      rel diff   ms np1  ms np2"} {d=($2-$4)/$2; if(d<0)d=-d; printf "%-6s %.9e %.9e %.2e %7.2f %7.2f\n", $1, $2, $4, d, $3, $5}'
-fi
+}
 
+stage_multi() {
+  # One rank per GPU over NCCL (nvidia-h200-x2/-x4/-x8): the EP test against one GPU, the weak-scaling table (8192
+  # tokens per rank, ep = n), and the main job at scale; NCCL_NVLS_ENABLE=0 comes from mpi_env.sh.
+  n=$(nvidia-smi -L | wc -l)
+  export KOKKOS_NUM_DEVICES=$n
+  timeout 300 $MPIRUN -np $n -x KOKKOS_NUM_DEVICES "$B/tests/test_comm_distributed_moe_cuda_np1" --gtest_brief=1 \
+    > "$OUT/ep_nccl_np$n.log" 2>&1
+  note "EP test, $n GPUs (NCCL): rc $?"
+  timeout 300 $MPIRUN -np $n -x KOKKOS_NUM_DEVICES "$B/bench_ep_bf16" --comm nccl --tokens 8192 > "$OUT/ep_bench_np$n.txt" 2>&1
+  note "bench_ep_bf16 $n GPUs: rc $?"
+  cat "$OUT/ep_bench_np$n.txt"
+}
+
+for st in ${stages//,/ }; do "stage_$st"; done
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
