@@ -49,7 +49,7 @@ using grad_value_t = core::accum_t<T>;
 /// Which kernels a MoeLayer runs (MoeLayer<T, S>::backend).
 enum class LayerBackend {
   Portable,  ///< kmoe's Kokkos kernels (src/include/kmoe/core/*.hpp), any execution space
-  Cuda       ///< kmoe's hand-written CUDA block (<kmoe/core/cuda/kernels.hpp>): MoeLayer<bf16, Kokkos::Cuda>
+  Cuda       ///< kmoe's CUDA block composed from its CUDA primitives: MoeLayer<bf16, Kokkos::Cuda>
 };
 
 /// Which expert path the single-process layer runs.

@@ -1,17 +1,27 @@
 /// \file routing.hpp
 /// \brief The CUDA backend of kmoe::core::routing_forward (STYLE habit 3): an overload on Kokkos::Cuda for bf16 tokens
-/// and router weights with fp32 logits/probs/weights, running the hand-written fused kernel of <kmoe/core/cuda/kernels.hpp>.
+/// and router weights with fp32 logits/probs/weights, running kmoe's fused CUDA routing kernel.
 /// Other value types on Cuda, and GemmAlgo::Kokkos (the parity switch), take the portable implementation.
 /// <kmoe/core/routing.hpp> includes this header in CUDA builds, so callers get the overload without asking for it.
 #pragma once
 
 #include <kmoe/core/bf16.hpp>
-#include <kmoe/core/cuda/kernels.hpp>
 #include <kmoe/core/kernel_common.hpp>
 #include <kmoe/core/routing.hpp>
 
 #include <Kokkos_Core.hpp>
+#include <cuda_runtime_api.h>
+#include <cstdint>
 #include <type_traits>
+
+namespace kmoe::core::cuda {
+/// The fused routing primitive this overload runs (src/cuda/routing.cu). It belongs to kmoe's raw-pointer CUDA API
+/// (<kmoe/core/cuda/kernels.hpp>), which is internal and not installed; this declaration is the one entry point the
+/// installed overload needs (bf16 passed as its 16-bit pattern). Enqueued on `stream`, returns without waiting.
+void routing_forward(const std::uint16_t* x, const std::uint16_t* gate, std::int64_t tokens, int hidden, int experts,
+                     int k, float* logits, float* probs, std::int64_t* topk_idx, float* topk_weight,
+                     cudaStream_t stream);
+}  // namespace kmoe::core::cuda
 
 namespace kmoe::core {
 
@@ -51,13 +61,13 @@ void routing_forward(const Kokkos::Cuda& space, const XV& x, const GV& gate, con
   detail::check_extent(fn, "topk_idx", topk_idx, 0, tokens);
   detail::check_extent(fn, "topk_weight", topk_weight, 0, tokens);
   detail::check_extent(fn, "topk_weight", topk_weight, 1, k);
-  static_assert(sizeof(bf16) == sizeof(cuda::bf16_t), "kmoe::bf16 is the bf16 bit pattern");
+  static_assert(sizeof(bf16) == sizeof(std::uint16_t), "kmoe::bf16 is the bf16 bit pattern");
   KMOE_CHECK_INPUT(x.span_is_contiguous() && gate.span_is_contiguous() && logits.span_is_contiguous() &&
                        probs.span_is_contiguous() && topk_idx.span_is_contiguous() && topk_weight.span_is_contiguous(),
                    fn, ": the CUDA kernels take contiguous row-major Views");
   KMOE_CHECK_INPUT(hidden % 8 == 0, fn, ": hidden ", hidden, " is not a multiple of 8 (the CUDA kernels read 16-byte rows)");
   Kokkos::Profiling::pushRegion("kmoe::route[cuda]");
-  cuda::routing_forward(reinterpret_cast<const cuda::bf16_t*>(x.data()), reinterpret_cast<const cuda::bf16_t*>(gate.data()),
+  cuda::routing_forward(reinterpret_cast<const std::uint16_t*>(x.data()), reinterpret_cast<const std::uint16_t*>(gate.data()),
                         tokens, static_cast<int>(hidden), static_cast<int>(experts), static_cast<int>(k), logits.data(),
                         probs.data(), topk_idx.data(), topk_weight.data(), space.cuda_stream());
   space.fence();
