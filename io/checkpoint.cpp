@@ -4,6 +4,7 @@
 #include <kmoe/io/atomic_file.hpp>
 #include <kmoe/io/model_spec.hpp>
 
+#include "detail/file_util.hpp"
 #include "detail/json.hpp"
 
 #include <algorithm>
@@ -18,17 +19,7 @@ constexpr const char* kIndexName = "model.safetensors.index.json";
 constexpr const char* kSingleName = "model.safetensors";
 
 detail::json read_json_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  KMOE_CHECK_INPUT(in.good(), path.string(), ": cannot open (missing?)");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  try {
-    return detail::json::parse(ss.str());
-  } catch (const detail::json::exception& e) {
-    std::string what = e.what();
-    std::replace(what.begin(), what.end(), '\n', ' ');
-    throw InputError(detail::concat(path.string(), ": not valid JSON: ", what));
-  }
+  return detail::parse_json_text(detail::read_regular_file(path, detail::kMaxJsonFileBytes), path.string());
 }
 
 std::int64_t config_int(const detail::json& j, const std::string& key, const std::filesystem::path& path,
@@ -39,34 +30,39 @@ std::int64_t config_int(const detail::json& j, const std::string& key, const std
     return 0;
   }
   KMOE_CHECK_INPUT(it->is_number_integer() && it->get<std::int64_t>() >= 0, path.string(), ": \"", key,
-                   "\" must be a non-negative integer, got ", it->dump());
+                   "\" must be a non-negative integer, got ", detail::json_brief(*it));
   return it->get<std::int64_t>();
 }
 
 std::string config_string(const detail::json& j, const std::string& key, const std::filesystem::path& path) {
   const auto it = j.find(key);
   if (it == j.end() || it->is_null()) return "";
-  KMOE_CHECK_INPUT(it->is_string(), path.string(), ": \"", key, "\" must be a string, got ", it->dump());
+  KMOE_CHECK_INPUT(it->is_string(), path.string(), ": \"", key, "\" must be a string, got ", detail::json_brief(*it));
   return it->get<std::string>();
 }
 
 /// A shard name from the index must stay inside the checkpoint directory.
 void check_shard_name(const std::string& file, const std::filesystem::path& index) {
   const std::filesystem::path p(file);
-  bool ok = !file.empty() && p.is_relative();
+  bool ok = !file.empty() && p.is_relative() && file.find('\0') == std::string::npos;
   for (const auto& part : p) ok = ok && part != "..";
-  KMOE_CHECK_INPUT(ok, index.string(), ": shard file '", file, "' is not a file inside the checkpoint directory");
+  KMOE_CHECK_INPUT(ok, index.string(), ": shard file '", kmoe::detail::printable(file),
+                   "' is not a file inside the checkpoint directory");
 }
 
 }  // namespace
 
 ModelConfig read_model_config(const std::filesystem::path& config_json) {
-  const detail::json j = read_json_file(config_json);
+  return parse_model_config(detail::read_regular_file(config_json, detail::kMaxJsonFileBytes), config_json);
+}
+
+ModelConfig parse_model_config(const std::string& text, const std::filesystem::path& config_json) {
+  const detail::json j = detail::parse_json_text(text, config_json.string());
   KMOE_CHECK_INPUT(j.is_object(), config_json.string(), ": not a JSON object");
   ModelConfig c;
   if (const auto a = j.find("architectures"); a != j.end() && !a->is_null()) {
     KMOE_CHECK_INPUT(a->is_array() && !a->empty() && (*a)[0].is_string(), config_json.string(),
-                     ": \"architectures\" must be a non-empty array of strings, got ", a->dump());
+                     ": \"architectures\" must be a non-empty array of strings, got ", detail::json_brief(*a));
     c.architecture = (*a)[0].get<std::string>();
   }
   c.model_type = config_string(j, "model_type", config_json);
@@ -93,6 +89,16 @@ ModelConfig read_model_config(const std::filesystem::path& config_json) {
                      c.top_k, " must be in [1, ", spec->num_experts_key, " = ", c.num_experts, "]");
     KMOE_CHECK_INPUT(!spec->has_shared_expert() || c.shared_intermediate_size > 0, config_json.string(), ": ",
                      spec->shared_intermediate_key, " must be positive for ", spec->architecture);
+    // The sizes of one layer's weights must be countable: E*F*H elements (and S*H) in an int64 of bytes.
+    const auto fits = [](std::int64_t a, std::int64_t b, std::int64_t c) {
+      constexpr std::int64_t kMax = std::int64_t(1) << 60;
+      return a <= kMax / b && a * b <= kMax / c;
+    };
+    KMOE_CHECK_INPUT(fits(c.num_experts, c.intermediate_size, c.hidden_size) &&
+                         (c.shared_intermediate_size == 0 || fits(1, c.shared_intermediate_size, c.hidden_size)),
+                     config_json.string(), ": sizes ", spec->num_experts_key, " = ", c.num_experts, ", ",
+                     spec->intermediate_key, " = ", c.intermediate_size, ", hidden_size = ", c.hidden_size,
+                     " make a layer of more than 2^60 elements");
   }
   return c;
 }
@@ -111,7 +117,7 @@ HfCheckpoint HfCheckpoint::open(const std::filesystem::path& dir) {
     KMOE_CHECK_INPUT(wm != j.end() && wm->is_object(), index_path.string(), ": missing \"weight_map\" object");
     for (auto it = wm->begin(); it != wm->end(); ++it) {
       KMOE_CHECK_INPUT(it->is_string(), index_path.string(), ": weight_map entry of '", it.key(),
-                       "' must be a file name, got ", it->dump());
+                       "' must be a file name, got ", detail::json_brief(*it));
       const std::string file = it->get<std::string>();
       check_shard_name(file, index_path);
       ck.plan_.push_back({it.key(), file});

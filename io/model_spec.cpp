@@ -66,6 +66,14 @@ const ModelSpec& spec_for(const std::string& architecture) {
                                   "; docs/adding-a-model.md says how to add one)"));
 }
 
+void check_hidden_act(const ModelSpec& spec, const ModelConfig& config, const std::string& where) {
+  if (std::find(spec.hidden_acts.begin(), spec.hidden_acts.end(), config.hidden_act) != spec.hidden_acts.end()) return;
+  std::string known;
+  for (const auto& a : spec.hidden_acts) known += (known.empty() ? "" : ", ") + a;
+  throw InputError(detail::concat(where, ": hidden_act '", kmoe::detail::printable(config.hidden_act),
+                                  "' is not supported for ", spec.architecture, " (kmoe computes: ", known, ")"));
+}
+
 // ---- shared machinery ---------------------------------------------------------------------------------------
 
 namespace {
@@ -80,11 +88,7 @@ std::string tensor_name(const TensorRule& r, int layer, std::int64_t expert) {
   return r.per_expert ? replace_all(s, "{expert}", std::to_string(expert)) : s;
 }
 
-std::string shape_text(const std::vector<std::int64_t>& s) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
+std::string shape_text(const std::vector<std::int64_t>& s) { return kmoe::detail::dims_text(s); }
 
 /// The kmoe tensors of a layer: which rule, which kmoe shape. Order: router, w1, w3, w2, shared w1, w3, w2.
 struct Slot {
@@ -260,6 +264,17 @@ MoeLayerWeights<T> load_moe_layer(const HfCheckpoint& ck, const ModelSpec& spec,
   const std::int64_t E = c.num_experts, H = c.hidden_size, F = c.intermediate_size, S = c.shared_intermediate_size;
   const auto ss = slots(spec, E, H, F, S);
   const auto gs = groups(ss, layer);
+  check_hidden_act(spec, c, ck.dir().string() + "/config.json");
+  // Every tensor present and of the shape the config implies before anything is allocated: the config's sizes are
+  // only trusted once the file's tensors agree with them.
+  for (const auto& g : gs) {
+    KMOE_CHECK_INPUT(ck.has(g.tensor.name), where, ": missing tensor '", g.tensor.name,
+                     "' (expected: ", expected_list(gs, spec, layer, E), ")");
+    const TensorView& t = ck.tensor(g.tensor.name);
+    KMOE_CHECK_INPUT(t.shape == g.tensor.shape, where, ": tensor '", g.tensor.name, "' has shape ", t.shape_string(),
+                     ", expected ", shape_text(g.tensor.shape), " (expected: ", expected_list(gs, spec, layer, E),
+                     ")");
+  }
   MoeLayerWeights<T> w;
   using M = typename MoeLayerWeights<T>::Matrix;
   using St = typename MoeLayerWeights<T>::Stack;
@@ -276,12 +291,7 @@ MoeLayerWeights<T> load_moe_layer(const HfCheckpoint& ck, const ModelSpec& spec,
   T* dest[] = {w.router.data(), w.w1.data(), w.w3.data(), w.w2.data(),
                w.shared_w1.data(), w.shared_w3.data(), w.shared_w2.data()};
   for (const auto& g : gs) {
-    KMOE_CHECK_INPUT(ck.has(g.tensor.name), where, ": missing tensor '", g.tensor.name,
-                     "' (expected: ", expected_list(gs, spec, layer, E), ")");
     const TensorView& t = ck.tensor(g.tensor.name);
-    KMOE_CHECK_INPUT(t.shape == g.tensor.shape, where, ": tensor '", g.tensor.name, "' has shape ", t.shape_string(),
-                     ", expected ", shape_text(g.tensor.shape), " (expected: ", expected_list(gs, spec, layer, E),
-                     ")");
     auto values = to_host_view<T>(t);
     for (const auto& [slot, expert] : g.parts) {
       const std::size_t idx = static_cast<std::size_t>(slot - ss.data());

@@ -46,6 +46,9 @@ struct ModelSpec {
   std::string top_k_key = "num_experts_per_tok";
   std::string intermediate_key = "intermediate_size";
   std::string shared_intermediate_key;  ///< "" = no shared expert
+  /// config.json `hidden_act` values kmoe computes for this architecture: its expert MLP is SwiGLU, i.e. SiLU
+  /// ("swish" is transformers' other name for it). Any other activation is refused by name, never run as SiLU.
+  std::vector<std::string> hidden_acts = {"silu", "swish"};
 
   TensorRule router;                         ///< kmoe [E,H]
   TensorRule w1, w3, w2;                     ///< kmoe [E,F,H], [E,F,H], [E,H,F]
@@ -68,6 +71,9 @@ struct ExpectedTensor {
   std::string name;
   std::vector<std::int64_t> shape;
 };
+
+/// Throws kmoe::InputError naming `where` and the activation unless spec.hidden_acts holds config.hidden_act.
+void check_hidden_act(const ModelSpec& spec, const ModelConfig& config, const std::string& where);
 
 /// The checkpoint tensors of MoE layer `layer` (in the spec's order: router, experts, shared expert), with shapes.
 std::vector<ExpectedTensor> moe_layer_tensors(const ModelSpec& spec, const ModelConfig& config, int layer);

@@ -1,0 +1,27 @@
+// Reading small files (config.json, index json, the text files of a conversion) without trusting what the path is.
+#pragma once
+
+#include <cstddef>
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+namespace kmoe::io::detail {
+
+/// The bytes of the regular file `path`, at most `max_bytes` of them. A FIFO, device or directory is refused before
+/// anything could block on it (the open does not wait for a FIFO's writer); a missing, unreadable or larger file is
+/// refused too. kmoe::InputError naming the path in every case.
+std::string read_regular_file(const std::filesystem::path& path, std::size_t max_bytes);
+
+/// Largest JSON text file (config.json, generation_config.json, model.safetensors.index.json) kmoe reads: a
+/// transformers index of a million tensors is about 100 MB.
+inline constexpr std::size_t kMaxJsonFileBytes = std::size_t(256) << 20;
+
+/// True when `name` can only mean a file directly inside a directory: non-empty, at most 255 bytes, not "." or
+/// "..", and free of '/', NUL and control characters.
+bool is_plain_file_name(std::string_view name);
+
+/// InputError "`where`: NAME_KIND 'NAME' is not a plain file name ..." unless is_plain_file_name(name).
+void check_plain_file_name(std::string_view name, const std::string& where, const char* kind);
+
+}  // namespace kmoe::io::detail
