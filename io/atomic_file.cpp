@@ -100,6 +100,20 @@ std::string read_regular_file(const std::filesystem::path& path, std::size_t max
   return out;
 }
 
+std::filesystem::file_type path_type(const std::filesystem::path& path) {
+  std::error_code ec;
+  const bool exists = std::filesystem::exists(path, ec);
+  KMOE_CHECK_INPUT(!ec, path.string(), ": cannot look at it: ", ec.message());
+  if (!exists) return std::filesystem::file_type::not_found;
+  const auto st = std::filesystem::status(path, ec);
+  KMOE_CHECK_INPUT(!ec, path.string(), ": cannot look at it: ", ec.message());
+  return st.type();
+}
+
+bool path_exists(const std::filesystem::path& path) {
+  return path_type(path) != std::filesystem::file_type::not_found;
+}
+
 bool is_plain_file_name(std::string_view name) {
   if (name.empty() || name.size() > 255 || name == "." || name == "..") return false;
   for (const char c : name)

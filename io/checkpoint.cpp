@@ -106,10 +106,11 @@ ModelConfig parse_model_config(const std::string& text, const std::filesystem::p
 HfCheckpoint HfCheckpoint::open(const std::filesystem::path& dir) {
   HfCheckpoint ck;
   ck.dir_ = dir;
-  KMOE_CHECK_INPUT(std::filesystem::is_directory(dir), dir.string(), ": not a checkpoint directory");
+  KMOE_CHECK_INPUT(detail::path_type(dir) == std::filesystem::file_type::directory, dir.string(),
+                   ": not a checkpoint directory");
   ck.config_ = read_model_config(dir / "config.json");
   const auto index_path = dir / kIndexName;
-  if (std::filesystem::exists(index_path)) {
+  if (detail::path_exists(index_path)) {
     ck.sharded_ = true;
     const detail::json j = read_json_file(index_path);
     KMOE_CHECK_INPUT(j.is_object(), index_path.string(), ": not a JSON object");
@@ -126,7 +127,7 @@ HfCheckpoint HfCheckpoint::open(const std::filesystem::path& dir) {
     for (const auto& e : ck.plan_) {
       if (ck.shards_.count(e.file)) continue;
       const auto shard_path = dir / e.file;
-      KMOE_CHECK_INPUT(std::filesystem::exists(shard_path), shard_path.string(), ": missing shard (", kIndexName,
+      KMOE_CHECK_INPUT(detail::path_exists(shard_path), shard_path.string(), ": missing shard (", kIndexName,
                        " lists it for tensor '", e.tensor, "')");
       ck.shards_.emplace(e.file, SafetensorsFile::open(shard_path));
     }
@@ -153,7 +154,7 @@ HfCheckpoint HfCheckpoint::open(const std::filesystem::path& dir) {
     }
   } else {
     const auto single = dir / kSingleName;
-    KMOE_CHECK_INPUT(std::filesystem::exists(single), dir.string(), ": neither ", kSingleName, " nor ", kIndexName);
+    KMOE_CHECK_INPUT(detail::path_exists(single), dir.string(), ": neither ", kSingleName, " nor ", kIndexName);
     auto f = SafetensorsFile::open(single);
     for (const auto& t : f.tensors()) {
       ck.plan_.push_back({t.name, kSingleName});

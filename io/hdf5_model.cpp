@@ -61,7 +61,7 @@ SourcePlan source_plan_of(const HfCheckpoint& hf) {
   }
   for (const char* name : kTextFiles) {
     const fs::path p = hf.dir() / name;
-    if (fs::is_regular_file(p)) plan.text_files[name] = read_file(p);
+    if (detail::path_exists(p)) plan.text_files[name] = read_file(p);  // a FIFO or directory: an error
   }
   return plan;
 }
@@ -353,7 +353,7 @@ void convert_to_hf(const Hdf5Checkpoint& ck, const fs::path& out_in, const fs::p
     check_same_model(ck, original_ck);
     for (const char* name : kConfigFiles) {
       const fs::path p = original_dir / name;
-      if (fs::is_regular_file(p)) text_files[name] = read_file(p);
+      if (detail::path_exists(p)) text_files[name] = read_file(p);
     }
     config_label = original_dir / "config.json";
   } else {

@@ -129,8 +129,10 @@ constexpr int kMaxHeaderDepth = 64;
 struct RawEntry {
   std::string name;
   std::string dtype;
-  std::vector<std::uint64_t> shape, offsets;
+  std::vector<std::int64_t> shape;  // moved into the TensorView: a shape costs 8 bytes per dimension, once
+  std::vector<std::uint64_t> offsets;
   bool has_dtype = false, has_shape = false, has_offsets = false;
+  bool dimension_too_large = false;  // a dimension above 2^63 - 1
 };
 
 /// A JSON value's kind for messages.
@@ -159,7 +161,10 @@ class HeaderSax {
   }
   bool number_unsigned(json::number_unsigned_t v) {
     if (state_ == State::Shape) {
-      entries_.back().shape.push_back(v);
+      RawEntry& e = entries_.back();
+      constexpr auto kMax = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
+      if (v > kMax) e.dimension_too_large = true;
+      e.shape.push_back(static_cast<std::int64_t>(std::min(v, kMax)));
       return true;
     }
     if (state_ == State::Offsets) {
@@ -409,15 +414,13 @@ void parse(SafetensorsFile::Impl& f) {
     }
     t.dtype = *dtype;
     std::uint64_t numel = 1;
-    bool overflow = false;
-    t.shape.reserve(r.shape.size());
-    for (const std::uint64_t v : r.shape) {
-      if (v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) overflow = true;
-      t.shape.push_back(static_cast<std::int64_t>(std::min<std::uint64_t>(v, std::numeric_limits<std::int64_t>::max())));
+    bool overflow = r.dimension_too_large;
+    t.shape = std::move(r.shape);
+    for (const std::int64_t d : t.shape) {
+      const auto v = static_cast<std::uint64_t>(d);
       if (v != 0 && numel > std::numeric_limits<std::uint64_t>::max() / v) overflow = true;
       numel *= v;
     }
-    std::vector<std::uint64_t>().swap(r.shape);
     KMOE_CHECK_INPUT(!overflow && numel <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
                      where, ": shape ", t.shape_string(), " overflows (more than 2^63 elements)");
     KMOE_CHECK_INPUT(numel <= std::numeric_limits<std::uint64_t>::max() / dtype_bits(t.dtype), where, ": shape ",

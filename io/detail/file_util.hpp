@@ -17,6 +17,13 @@ std::string read_regular_file(const std::filesystem::path& path, std::size_t max
 /// transformers index of a million tensors is about 100 MB.
 inline constexpr std::size_t kMaxJsonFileBytes = std::size_t(256) << 20;
 
+/// Whether `path` exists (following symbolic links); kmoe::InputError naming it when it cannot be looked at (a
+/// symbolic link loop, a permission denied), instead of std::filesystem's exception.
+bool path_exists(const std::filesystem::path& path);
+
+/// The type of `path` (following symbolic links; not_found when absent); InputError as for path_exists.
+std::filesystem::file_type path_type(const std::filesystem::path& path);
+
 /// True when `name` can only mean a file directly inside a directory: non-empty, at most 255 bytes, not "." or
 /// "..", and free of '/', NUL and control characters.
 bool is_plain_file_name(std::string_view name);

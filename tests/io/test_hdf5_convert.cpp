@@ -233,6 +233,8 @@ TEST(Hdf5Convert, OutputThatWouldDestroySomethingIsRefused) {
   std::ofstream(file) << "keep me";
   fs::create_directory_symlink(ckdir, tmp.path() / "link-to-checkpoint");
   fs::create_directory_symlink(tmp.path() / "elsewhere", tmp.path() / "dangling-link");
+  fs::create_directory_symlink(tmp.path() / "loop-b", tmp.path() / "loop-a");
+  fs::create_directory_symlink(tmp.path() / "loop-a", tmp.path() / "loop-b");
   struct Case {
     fs::path out;
     std::string message;
@@ -247,6 +249,7 @@ TEST(Hdf5Convert, OutputThatWouldDestroySomethingIsRefused) {
       {tmp.path() / "link-to-checkpoint", "is the checkpoint directory"},
       {tmp.path() / "dangling-link", "is a symbolic link"},
       {file, "exists and is not a directory"},
+      {tmp.path() / "loop-a" / "hf", "cannot resolve the path"},
       {fs::path(), "usage: convert: the output directory is an empty path"},
   };
   for (const auto& c : cases) {

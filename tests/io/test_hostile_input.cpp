@@ -191,6 +191,19 @@ TEST_F(HostileDir, FifosAreRefusedWithoutBlocking) {
   }
 }
 
+TEST_F(HostileDir, SymbolicLinkLoopsAreInputErrors) {
+  std::filesystem::create_directory_symlink(tmp.path() / "loop-b", tmp.path() / "loop-a");
+  std::filesystem::create_directory_symlink(tmp.path() / "loop-a", tmp.path() / "loop-b");
+  expect_input_error([&] { HfCheckpoint::open(tmp.path() / "loop-a"); }, {"loop-a", "symbolic links"});
+  for (const char* name : {"config.json", "model.safetensors.index.json", "model-00002-of-00006.safetensors"}) {
+    std::filesystem::remove(dir / name);
+    std::filesystem::create_symlink(name, dir / name);  // points at itself
+    expect_input_error([&] { HfCheckpoint::open(dir); }, {name, "symbolic links"});
+    std::filesystem::remove(dir / name);
+    kmoe::test::copy_dir(kmoe::test::hf_dir("granitemoe-tiny"), dir);
+  }
+}
+
 TEST_F(HostileDir, DeepOrHugeJsonValuesAreRefusedBriefly) {
   const std::size_t deep = 100'000;
   set_config("\"hidden_size\": 64", "\"hidden_size\": " + nest("[", "]", deep, ""));
