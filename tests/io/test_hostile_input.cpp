@@ -151,8 +151,8 @@ double parse_seconds(int n) {
 }
 
 TEST(HostileHeader, ParseTimeGrowsLinearlyWithTheTensorCount) {
-  // A complexity check, not a timing one: 10x the tensors may cost up to 30x the time (n log n with noise passes,
-  // the quadratic parser this replaced took 100x).
+  // A complexity check, not a timing one: 10x the tensors may cost up to 30x the time (n log n with noise passes;
+  // a quadratic parser takes 100x).
   const double t1 = parse_seconds(10'000), t10 = parse_seconds(100'000);
   EXPECT_LT(t10, 30 * std::max(t1, 1e-3)) << "10k tensors: " << t1 << " s, 100k tensors: " << t10 << " s";
 }
@@ -178,7 +178,7 @@ class HostileDir : public ::testing::Test {
 };
 
 TEST_F(HostileDir, FifosAreRefusedWithoutBlocking) {
-  // Before the fix each of these blocked forever in open() (the test then fails by its ctest timeout).
+  // An open() that waits for a FIFO's writer would block here forever (the test then fails by its ctest timeout).
   const auto shard = dir / "model-00003-of-00006.safetensors";
   make_fifo(shard);
   expect_input_error([&] { SafetensorsFile::open(shard); }, {shard.string(), "not a regular file (a FIFO)"});
