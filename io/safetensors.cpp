@@ -21,7 +21,7 @@
 #include <set>
 #include <sstream>
 #include <unordered_map>
-#include <unordered_set>
+#include <functional>
 
 namespace kmoe::io {
 
@@ -147,8 +147,12 @@ enum Kind { kNull, kBool, kNumber, kString, kArray, kObject };
 /// fields of an entry, wrong types) with messages that name the tensor.
 class HeaderSax {
  public:
-  HeaderSax(std::string file, std::vector<RawEntry>& entries, MetadataEntries& metadata, bool& has_metadata)
-      : file_(std::move(file)), entries_(entries), metadata_(metadata), has_metadata_(has_metadata) {}
+  /// `on_entry` receives each tensor entry once it is complete (validated and stored by the caller, so that only
+  /// one raw entry exists at a time); `index` receives every name, mapped to its entry's number.
+  HeaderSax(std::string file, std::function<void(RawEntry&)> on_entry,
+            std::unordered_map<std::string, std::size_t>& index, MetadataEntries& metadata, bool& has_metadata)
+      : file_(std::move(file)), on_entry_(std::move(on_entry)), metadata_(metadata), has_metadata_(has_metadata),
+        index_(index) {}
 
   using json = detail::json;
   bool null() { return scalar(kNull, "null"); }
@@ -161,14 +165,14 @@ class HeaderSax {
   }
   bool number_unsigned(json::number_unsigned_t v) {
     if (state_ == State::Shape) {
-      RawEntry& e = entries_.back();
+      RawEntry& e = cur_;
       constexpr auto kMax = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
       if (v > kMax) e.dimension_too_large = true;
       e.shape.push_back(static_cast<std::int64_t>(std::min(v, kMax)));
       return true;
     }
     if (state_ == State::Offsets) {
-      entries_.back().offsets.push_back(v);
+      cur_.offsets.push_back(v);
       return true;
     }
     return scalar(kNumber, std::to_string(v));
@@ -176,7 +180,7 @@ class HeaderSax {
   bool number_float(json::number_float_t, const json::string_t& text) { return scalar(kNumber, text); }
   bool string(json::string_t& v) {
     if (state_ == State::Dtype) {
-      entries_.back().dtype = std::move(v);
+      cur_.dtype = std::move(v);
       state_ = State::Entry;
       return true;
     }
@@ -224,9 +228,9 @@ class HeaderSax {
       case State::Skip: return end_skip();
       case State::Metadata: state_ = State::Root; return true;
       case State::Entry: {
-        const RawEntry& e = entries_.back();
-        KMOE_CHECK_INPUT(e.has_dtype && e.has_shape && e.has_offsets, where(),
+        KMOE_CHECK_INPUT(cur_.has_dtype && cur_.has_shape && cur_.has_offsets, where(),
                          ": entry needs \"dtype\", \"shape\" and \"data_offsets\"");
+        on_entry_(cur_);
         state_ = State::Root;
         return true;
       }
@@ -252,9 +256,10 @@ class HeaderSax {
         seen_metadata_ = true;
       } else {
         check_no_nul(k, "tensor name '" + printable(k) + "'");
-        KMOE_CHECK_INPUT(names_.insert(k).second, file_, ": tensor '", printable(k), "' is listed twice in the header");
-        entries_.emplace_back();
-        entries_.back().name = k;
+        KMOE_CHECK_INPUT(index_.emplace(k, index_.size()).second, file_, ": tensor '", printable(k),
+                         "' is listed twice in the header");
+        cur_ = RawEntry{};
+        cur_.name = k;
       }
       key_ = std::move(k);
       state_ = State::RootValue;
@@ -267,7 +272,7 @@ class HeaderSax {
       return true;
     }
     if (state_ == State::Entry) {
-      RawEntry& e = entries_.back();
+      RawEntry& e = cur_;
       const auto field = [&](bool& seen, State next) {
         // serde (the Rust library) refuses a repeated field instead of keeping one of the values.
         KMOE_CHECK_INPUT(!seen, where(), ": duplicate field \"", k, "\" in the entry");
@@ -306,7 +311,7 @@ class HeaderSax {
   }
   static std::string printable(const std::string& s, std::size_t max = 256) { return kmoe::detail::printable(s, max); }
 
-  std::string where() const { return file_ + ": tensor '" + printable(entries_.back().name) + "'"; }
+  std::string where() const { return file_ + ": tensor '" + printable(cur_.name) + "'"; }
 
   void check_no_nul(const std::string& s, const std::string& what) const {
     KMOE_CHECK_INPUT(s.find('\0') == std::string::npos, file_, ": ", what, " contains a NUL character (\\u0000)");
@@ -355,14 +360,15 @@ class HeaderSax {
   }
 
   std::string file_;
-  std::vector<RawEntry>& entries_;
+  std::function<void(RawEntry&)> on_entry_;
+  RawEntry cur_;  // the entry being read
   MetadataEntries& metadata_;
   bool& has_metadata_;
   State state_ = State::Start;
   int depth_ = 0, skip_from_ = 0;
   std::string key_;
   bool seen_metadata_ = false;
-  std::unordered_set<std::string> names_;
+  std::unordered_map<std::string, std::size_t>& index_;  // name -> entry (file order once validated)
   std::unordered_map<std::string, std::size_t> metadata_index_;
 };
 
@@ -384,22 +390,9 @@ void parse(SafetensorsFile::Impl& f) {
   KMOE_CHECK_INPUT(bad == n, file, ": header is not UTF-8 (invalid byte 0x", std::hex,
                    static_cast<unsigned>(h[bad]), std::dec, " at header offset ", bad, ")");
   KMOE_CHECK_INPUT(h[0] == '{', file, ": header does not start with '{' (not a safetensors file?)");
-  std::vector<RawEntry> raw;
-  HeaderSax sax(file, raw, f.metadata_entries, f.has_metadata);
-  detail::json::sax_parse(h, h + n, &sax);
-  KMOE_CHECK_INPUT(sax.done(), file, ": header is not a JSON object");
-  for (const auto& [k, v] : f.metadata_entries) f.metadata[k] = v;
-
   const std::uint64_t data_size = f.size - 8 - n;
-  struct Entry {
-    std::uint64_t begin, end;
-    std::size_t tensor;
-  };
-  std::vector<Entry> entries;
   std::vector<TensorView> tensors;
-  entries.reserve(raw.size());
-  tensors.reserve(raw.size());
-  for (auto& r : raw) {
+  const auto on_entry = [&](RawEntry& r) {
     TensorView t;
     t.name = std::move(r.name);
     t.file = file;
@@ -439,36 +432,39 @@ void parse(SafetensorsFile::Impl& f) {
                      data_size, " bytes): file cut short?");
     t.nbytes = static_cast<std::size_t>(*nbytes);
     t.data = f.bytes + 8 + n + b;
-    entries.push_back({b, e, tensors.size()});
     tensors.push_back(std::move(t));
-  }
-  std::vector<RawEntry>().swap(raw);
+  };
+  HeaderSax sax(file, on_entry, f.index, f.metadata_entries, f.has_metadata);
+  detail::json::sax_parse(h, h + n, &sax);
+  KMOE_CHECK_INPUT(sax.done(), file, ": header is not a JSON object");
+  for (const auto& [k, v] : f.metadata_entries) f.metadata[k] = v;
+
   // The data must be covered exactly once, as the Rust library demands: sorted by offsets, each tensor starts where
-  // the previous one ended, and the last ends at the end of the file.
-  std::sort(entries.begin(), entries.end(),
-            [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
+  // the previous one ended, and the last ends at the end of the file. The views are sorted in place (a tensor's
+  // offsets are its data pointer and size), so no second list of the tensors is held.
+  const std::byte* const base = f.bytes + 8 + n;
+  const auto begin_of = [&](const TensorView& t) { return static_cast<std::uint64_t>(t.data - base); };
+  std::sort(tensors.begin(), tensors.end(), [](const TensorView& a, const TensorView& b) {
+    return a.data != b.data ? a.data < b.data : a.nbytes < b.nbytes;
+  });
   std::uint64_t pos = 0;
-  for (std::size_t i = 0; i < entries.size(); ++i) {
-    const auto& en = entries[i];
-    const std::string& name = tensors[en.tensor].name;
-    if (en.begin < pos) {
-      throw InputError(detail::concat(file, ": tensor '", kmoe::detail::printable(name), "' data_offsets [", en.begin,
-                                      ", ", en.end, "] overlap tensor '",
-                                      kmoe::detail::printable(tensors[entries[i - 1].tensor].name), "' (ends at ",
-                                      pos, ")"));
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const TensorView& t = tensors[i];
+    const std::uint64_t b = begin_of(t), e = b + t.nbytes;
+    if (b < pos) {
+      throw InputError(detail::concat(file, ": tensor '", kmoe::detail::printable(t.name), "' data_offsets [", b,
+                                      ", ", e, "] overlap tensor '", kmoe::detail::printable(tensors[i - 1].name),
+                                      "' (ends at ", pos, ")"));
     }
-    KMOE_CHECK_INPUT(en.begin == pos, file, ": hole of ", en.begin - pos, " bytes in the data before tensor '",
-                     kmoe::detail::printable(name), "' (data_offsets [", en.begin, ", ", en.end,
-                     "], previous tensor ends at ", pos, ")");
-    pos = en.end;
+    KMOE_CHECK_INPUT(b == pos, file, ": hole of ", b - pos, " bytes in the data before tensor '",
+                     kmoe::detail::printable(t.name), "' (data_offsets [", b, ", ", e, "], previous tensor ends at ",
+                     pos, ")");
+    pos = e;
   }
   KMOE_CHECK_INPUT(pos == data_size, file, ": ", data_size - pos, " trailing bytes after the last tensor (data is ",
                    data_size, " bytes, tensors cover ", pos, ")");
-  f.tensors.reserve(tensors.size());
-  for (const auto& en : entries) {
-    f.index[tensors[en.tensor].name] = f.tensors.size();
-    f.tensors.push_back(std::move(tensors[en.tensor]));
-  }
+  for (std::size_t i = 0; i < tensors.size(); ++i) f.index.find(tensors[i].name)->second = i;
+  f.tensors = std::move(tensors);
   for (auto& t : f.tensors) t.owner = f.owner;
 }
 
