@@ -8,9 +8,7 @@
 #include "detail/json.hpp"
 
 #include <algorithm>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 namespace kmoe::io {
 namespace {

@@ -2,12 +2,10 @@
 // layers in kmoe's layout in and out (re-sliced to any expert range), and conversion back to the Hugging Face
 // directory, byte for byte when the weights are unchanged.
 #include <algorithm>
-#include <fstream>
 #include <kmoe/core/progress.hpp>
 #include <kmoe/io/atomic_file.hpp>
 #include <kmoe/io/hdf5_checkpoint.hpp>
 #include <set>
-#include <sstream>
 
 #include "detail/file_util.hpp"
 #include "hdf5_detail.hpp"

@@ -19,7 +19,6 @@
 #include <limits>
 #include <numeric>
 #include <set>
-#include <sstream>
 #include <unordered_map>
 #include <functional>
 
