@@ -4,12 +4,11 @@
 #include <kmoe/io/atomic_file.hpp>
 #include <kmoe/io/model_spec.hpp>
 
+#include "detail/file_util.hpp"
 #include "detail/json.hpp"
 
 #include <algorithm>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 namespace kmoe::io {
 namespace {
@@ -18,17 +17,7 @@ constexpr const char* kIndexName = "model.safetensors.index.json";
 constexpr const char* kSingleName = "model.safetensors";
 
 detail::json read_json_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  KMOE_CHECK_INPUT(in.good(), path.string(), ": cannot open (missing?)");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  try {
-    return detail::json::parse(ss.str());
-  } catch (const detail::json::exception& e) {
-    std::string what = e.what();
-    std::replace(what.begin(), what.end(), '\n', ' ');
-    throw InputError(detail::concat(path.string(), ": not valid JSON: ", what));
-  }
+  return detail::parse_json_text(detail::read_regular_file(path, detail::kMaxJsonFileBytes), path.string());
 }
 
 /// The first of `keys` present (and not null) in `j`, or end().
@@ -53,7 +42,7 @@ std::int64_t config_int(const detail::json& j, const std::vector<std::string>& k
     return fallback;
   }
   KMOE_CHECK_INPUT(it->is_number_integer() && it->get<std::int64_t>() >= 0, path.string(), ": \"", it.key(),
-                   "\" must be a non-negative integer, got ", it->dump());
+                   "\" must be a non-negative integer, got ", detail::json_brief(*it));
   return it->get<std::int64_t>();
 }
 
@@ -66,14 +55,14 @@ double config_double(const detail::json& j, const std::string& key, const std::f
                      double fallback) {
   const auto it = j.find(key);
   if (key.empty() || it == j.end() || it->is_null()) return fallback;
-  KMOE_CHECK_INPUT(it->is_number(), path.string(), ": \"", key, "\" must be a number, got ", it->dump());
+  KMOE_CHECK_INPUT(it->is_number(), path.string(), ": \"", key, "\" must be a number, got ", detail::json_brief(*it));
   return it->get<double>();
 }
 
 bool config_bool(const detail::json& j, const std::string& key, const std::filesystem::path& path, bool fallback) {
   const auto it = j.find(key);
   if (key.empty() || it == j.end() || it->is_null()) return fallback;
-  KMOE_CHECK_INPUT(it->is_boolean(), path.string(), ": \"", key, "\" must be true or false, got ", it->dump());
+  KMOE_CHECK_INPUT(it->is_boolean(), path.string(), ": \"", key, "\" must be true or false, got ", detail::json_brief(*it));
   return it->get<bool>();
 }
 
@@ -87,14 +76,14 @@ std::vector<int> config_int_list(const detail::json& j, const std::string& key, 
       ok = ok && v.is_number_integer() && v.get<std::int64_t>() >= 0 && v.get<std::int64_t>() < (1 << 30);
       if (ok) out.push_back(v.get<int>());
     }
-  KMOE_CHECK_INPUT(ok, path.string(), ": \"", key, "\" must be a list of layer indices, got ", it->dump());
+  KMOE_CHECK_INPUT(ok, path.string(), ": \"", key, "\" must be a list of layer indices, got ", detail::json_brief(*it));
   return out;
 }
 
 std::string config_string(const detail::json& j, const std::string& key, const std::filesystem::path& path) {
   const auto it = j.find(key);
   if (it == j.end() || it->is_null()) return "";
-  KMOE_CHECK_INPUT(it->is_string(), path.string(), ": \"", key, "\" must be a string, got ", it->dump());
+  KMOE_CHECK_INPUT(it->is_string(), path.string(), ": \"", key, "\" must be a string, got ", detail::json_brief(*it));
   return it->get<std::string>();
 }
 
@@ -143,20 +132,25 @@ std::vector<int> config_moe_layers(const detail::json& j, const ModelSpec& spec,
 /// A shard name from the index must stay inside the checkpoint directory.
 void check_shard_name(const std::string& file, const std::filesystem::path& index) {
   const std::filesystem::path p(file);
-  bool ok = !file.empty() && p.is_relative();
+  bool ok = !file.empty() && p.is_relative() && file.find('\0') == std::string::npos;
   for (const auto& part : p) ok = ok && part != "..";
-  KMOE_CHECK_INPUT(ok, index.string(), ": shard file '", file, "' is not a file inside the checkpoint directory");
+  KMOE_CHECK_INPUT(ok, index.string(), ": shard file '", kmoe::detail::printable(file),
+                   "' is not a file inside the checkpoint directory");
 }
 
 }  // namespace
 
 ModelConfig read_model_config(const std::filesystem::path& config_json) {
-  const detail::json j = read_json_file(config_json);
+  return parse_model_config(detail::read_regular_file(config_json, detail::kMaxJsonFileBytes), config_json);
+}
+
+ModelConfig parse_model_config(const std::string& text, const std::filesystem::path& config_json) {
+  const detail::json j = detail::parse_json_text(text, config_json.string());
   KMOE_CHECK_INPUT(j.is_object(), config_json.string(), ": not a JSON object");
   ModelConfig c;
   if (const auto a = j.find("architectures"); a != j.end() && !a->is_null()) {
     KMOE_CHECK_INPUT(a->is_array() && !a->empty() && (*a)[0].is_string(), config_json.string(),
-                     ": \"architectures\" must be a non-empty array of strings, got ", a->dump());
+                     ": \"architectures\" must be a non-empty array of strings, got ", detail::json_brief(*a));
     c.architecture = (*a)[0].get<std::string>();
   }
   c.model_type = config_string(j, "model_type", config_json);
@@ -182,7 +176,7 @@ ModelConfig read_model_config(const std::filesystem::path& config_json) {
     c.shared_intermediate_size = c.intermediate_size * config_int(j, spec->shared_count_key, config_json, false);
   }
   if (const auto lt = j.find("layer_types"); lt != j.end() && lt->is_array())
-    for (const auto& v : *lt) c.layer_types.push_back(v.is_string() ? v.get<std::string>() : v.dump());
+    for (const auto& v : *lt) c.layer_types.push_back(v.is_string() ? v.get<std::string>() : detail::json_brief(v));
   if (spec) {
     const std::string ik = key_text(spec->intermediate_keys), ek = key_text(spec->num_experts_keys);
     KMOE_CHECK_INPUT(c.hidden_size > 0 && c.intermediate_size > 0 && c.num_experts > 0 && c.num_layers > 0,
@@ -197,6 +191,15 @@ ModelConfig read_model_config(const std::filesystem::path& config_json) {
     c.routing = config_routing(j, *spec, c, config_json);
     c.moe_layers = config_moe_layers(j, *spec, c.num_layers, config_json);
     if (!spec->swiglu_limit_key.empty()) c.swiglu_limit = config_double(j, spec->swiglu_limit_key, config_json, 7.0);
+    // The sizes of one layer's weights must be countable: E*F*H elements (and S*H) in an int64 of bytes.
+    const auto fits = [](std::int64_t a, std::int64_t b, std::int64_t c) {
+      constexpr std::int64_t kMax = std::int64_t(1) << 60;
+      return a <= kMax / b && a * b <= kMax / c;
+    };
+    KMOE_CHECK_INPUT(fits(c.num_experts, c.intermediate_size, c.hidden_size) &&
+                         (c.shared_intermediate_size == 0 || fits(1, c.shared_intermediate_size, c.hidden_size)),
+                     config_json.string(), ": sizes ", ek, " = ", c.num_experts, ", ", ik, " = ", c.intermediate_size,
+                     ", hidden_size = ", c.hidden_size, " make a layer of more than 2^60 elements");
   }
   return c;
 }
@@ -204,10 +207,11 @@ ModelConfig read_model_config(const std::filesystem::path& config_json) {
 HfCheckpoint HfCheckpoint::open(const std::filesystem::path& dir) {
   HfCheckpoint ck;
   ck.dir_ = dir;
-  KMOE_CHECK_INPUT(std::filesystem::is_directory(dir), dir.string(), ": not a checkpoint directory");
+  KMOE_CHECK_INPUT(detail::path_type(dir) == std::filesystem::file_type::directory, dir.string(),
+                   ": not a checkpoint directory");
   ck.config_ = read_model_config(dir / "config.json");
   const auto index_path = dir / kIndexName;
-  if (std::filesystem::exists(index_path)) {
+  if (detail::path_exists(index_path)) {
     ck.sharded_ = true;
     const detail::json j = read_json_file(index_path);
     KMOE_CHECK_INPUT(j.is_object(), index_path.string(), ": not a JSON object");
@@ -215,7 +219,7 @@ HfCheckpoint HfCheckpoint::open(const std::filesystem::path& dir) {
     KMOE_CHECK_INPUT(wm != j.end() && wm->is_object(), index_path.string(), ": missing \"weight_map\" object");
     for (auto it = wm->begin(); it != wm->end(); ++it) {
       KMOE_CHECK_INPUT(it->is_string(), index_path.string(), ": weight_map entry of '", it.key(),
-                       "' must be a file name, got ", it->dump());
+                       "' must be a file name, got ", detail::json_brief(*it));
       const std::string file = it->get<std::string>();
       check_shard_name(file, index_path);
       ck.plan_.push_back({it.key(), file});
@@ -224,7 +228,7 @@ HfCheckpoint HfCheckpoint::open(const std::filesystem::path& dir) {
     for (const auto& e : ck.plan_) {
       if (ck.shards_.count(e.file)) continue;
       const auto shard_path = dir / e.file;
-      KMOE_CHECK_INPUT(std::filesystem::exists(shard_path), shard_path.string(), ": missing shard (", kIndexName,
+      KMOE_CHECK_INPUT(detail::path_exists(shard_path), shard_path.string(), ": missing shard (", kIndexName,
                        " lists it for tensor '", e.tensor, "')");
       ck.shards_.emplace(e.file, SafetensorsFile::open(shard_path));
     }
@@ -251,7 +255,7 @@ HfCheckpoint HfCheckpoint::open(const std::filesystem::path& dir) {
     }
   } else {
     const auto single = dir / kSingleName;
-    KMOE_CHECK_INPUT(std::filesystem::exists(single), dir.string(), ": neither ", kSingleName, " nor ", kIndexName);
+    KMOE_CHECK_INPUT(detail::path_exists(single), dir.string(), ": neither ", kSingleName, " nor ", kIndexName);
     auto f = SafetensorsFile::open(single);
     for (const auto& t : f.tensors()) {
       ck.plan_.push_back({t.name, kSingleName});

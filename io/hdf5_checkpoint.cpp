@@ -2,7 +2,9 @@
 // (index of pieces over all rank files, row-range reads for any rank count). Format: docs/checkpoint-format.md.
 #include <fcntl.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,6 +17,8 @@
 #include <kmoe/core/bf16.hpp>
 #include <kmoe/io/hdf5_checkpoint.hpp>
 #include <numeric>
+#include <random>
+#include <array>
 #include <system_error>
 
 #include "hdf5_detail.hpp"
@@ -31,7 +35,9 @@ namespace {
 
 constexpr const char* kFormat = "kmoe-hdf5-checkpoint";
 constexpr const char* kManifestFormat = "kmoe-hdf5-checkpoint-manifest";
-constexpr std::int64_t kFormatVersion = 1;
+// Version 2: save ids in the manifest and each rank file, a digest of everything the manifest stores, '%'-encoded
+// dataset names.
+constexpr std::int64_t kFormatVersion = 2;
 constexpr const char* kManifestName = "manifest.h5";
 // Chunks of at most this many bytes: checksummed (Fletcher32) and read independently.
 constexpr std::int64_t kChunkBytes = std::int64_t(16) << 20;
@@ -85,10 +91,134 @@ std::int64_t product(const std::vector<std::int64_t>& v, std::size_t from = 0) {
   return p;
 }
 
-std::string shape_string(const std::vector<std::int64_t>& s) {
-  std::string r = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
-  return r + "]";
+std::string shape_string(const std::vector<std::int64_t>& s) { return kmoe::detail::dims_text(s); }
+
+/// Product of the dimensions times `element`, or -1 when a dimension is negative or the product passes 2^62.
+std::int64_t checked_bytes(const std::vector<std::int64_t>& dims, std::size_t from, std::int64_t element) {
+  constexpr std::int64_t kMax = std::int64_t(1) << 62;
+  std::int64_t p = element;
+  for (std::size_t i = from; i < dims.size(); ++i) {
+    if (dims[i] < 0 || (dims[i] != 0 && p > kMax / dims[i])) return -1;
+    p *= dims[i];
+  }
+  return p;
+}
+
+// ---- names, ids, digests ---------------------------------------------------------------------------------------
+
+/// A tensor name as an HDF5 link name: '%' as %25, '/' as %2F, a name "." as %2E (HDF5 names cannot hold '/' or be
+/// "."), so any safetensors name is stored.
+std::string encode_name(const std::string& name) {
+  if (name == ".") return "%2E";
+  std::string out;
+  for (const char c : name) {
+    if (c == '%')
+      out += "%25";
+    else if (c == '/')
+      out += "%2F";
+    else
+      out += c;
+  }
+  return out;
+}
+
+/// The inverse of encode_name; InputError for an escape encode_name does not write.
+std::string decode_name(const std::string& stored, const std::string& where) {
+  std::string out;
+  for (std::size_t i = 0; i < stored.size(); ++i) {
+    if (stored[i] != '%') {
+      out += stored[i];
+      continue;
+    }
+    const std::string esc = stored.substr(i + 1, 2);
+    KMOE_CHECK_INPUT(esc == "25" || esc == "2F" || (esc == "2E" && stored == "%2E"), where, ": bad dataset name '",
+                     kmoe::detail::printable(stored), "'");
+    out += esc == "25" ? '%' : esc == "2F" ? '/' : '.';
+    i += 2;
+  }
+  return out;
+}
+
+/// 128 random bits in hex: the id of one rank file of one save.
+std::string new_file_id() {
+  std::random_device rd;
+  static const char* hex = "0123456789abcdef";
+  std::string id;
+  for (int i = 0; i < 4; ++i) {
+    std::uint32_t v = rd();
+    for (int k = 0; k < 8; ++k, v >>= 4) id += hex[v & 15];
+  }
+  return id;
+}
+
+/// CRC-32 (IEEE 802.3, as zlib) over a canonical serialisation of what the manifest stores: every value length-
+/// prefixed, in a fixed order, so that any changed, added or dropped byte changes the digest.
+class Digest {
+ public:
+  Digest& add(const std::string& s) {
+    add(static_cast<std::int64_t>(s.size()));
+    bytes(s.data(), s.size());
+    return *this;
+  }
+  Digest& add(std::int64_t v) {
+    unsigned char b[8];
+    for (int i = 0; i < 8; ++i) b[i] = static_cast<unsigned char>(static_cast<std::uint64_t>(v) >> (8 * i));
+    bytes(b, 8);
+    return *this;
+  }
+  template <class T>
+  Digest& add(const std::vector<T>& v) {
+    add(static_cast<std::int64_t>(v.size()));
+    for (const auto& x : v) add(x);
+    return *this;
+  }
+  std::int64_t value() const { return static_cast<std::int64_t>(~crc_ & 0xFFFFFFFFu); }
+
+ private:
+  void bytes(const void* p, std::size_t n) {
+    static const auto table = [] {
+      std::array<std::uint32_t, 256> t{};
+      for (std::uint32_t i = 0; i < 256; ++i) {
+        std::uint32_t c = i;
+        for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        t[i] = c;
+      }
+      return t;
+    }();
+    const auto* b = static_cast<const unsigned char*>(p);
+    for (std::size_t i = 0; i < n; ++i) crc_ = table[(crc_ ^ b[i]) & 0xFF] ^ (crc_ >> 8);
+  }
+  std::uint32_t crc_ = 0xFFFFFFFFu;
+};
+
+/// What the manifest records, in one place for the writer and the reader (the digest is computed from it).
+struct ManifestContents {
+  std::int64_t step = 0, world_size = 0;
+  std::string architecture;
+  std::vector<std::string> rank_files, rank_file_ids;
+  std::vector<std::int64_t> rank_file_sizes, expert_ranges;
+  std::map<std::string, std::string> attributes;
+  const SourcePlan* source = nullptr;
+};
+
+std::int64_t manifest_digest(const ManifestContents& m) {
+  Digest d;
+  d.add(std::string(kManifestFormat)).add(kFormatVersion).add(m.step).add(m.world_size).add(m.architecture);
+  d.add(m.rank_files).add(m.rank_file_ids).add(m.rank_file_sizes).add(m.expert_ranges);
+  d.add(static_cast<std::int64_t>(m.attributes.size()));
+  for (const auto& [k, v] : m.attributes) d.add(k).add(v);
+  const SourcePlan& src = *m.source;
+  d.add(static_cast<std::int64_t>(src.tensors.size()));
+  for (const auto& t : src.tensors) d.add(t.name).add(t.file).add(t.dtype).add(t.shape);
+  d.add(static_cast<std::int64_t>(src.files.size()));
+  for (const auto& f : src.files) {
+    d.add(f.name).add(f.tensors).add(std::int64_t(f.has_metadata ? 1 : 0));
+    d.add(static_cast<std::int64_t>(f.metadata.size()));
+    for (const auto& [k, v] : f.metadata) d.add(k).add(v);
+  }
+  d.add(static_cast<std::int64_t>(src.text_files.size()));
+  for (const auto& [k, v] : src.text_files) d.add(k).add(v);
+  return d.value();
 }
 
 double f16_to_double(std::uint16_t h) {
@@ -170,6 +300,22 @@ void require_attr(hid_t obj, const char* name, const std::string& where) {
                    "' (not a kmoe checkpoint file, or damaged)");
 }
 
+/// Size in bytes of the file holding `obj`.
+std::int64_t file_size_of(hid_t obj, const std::string& where) {
+  H5Handle f(KMOE_H5(H5Iget_file_id(obj), where));
+  hsize_t size = 0;
+  KMOE_H5(H5Fget_filesize(f, &size), where);
+  return static_cast<std::int64_t>(size);
+}
+
+/// A value of n elements of `element` bytes read from `obj`'s file must fit in that file (no compression is used):
+/// a damaged or hostile size never reaches an allocation.
+void check_fits_file(hid_t obj, std::int64_t n, std::int64_t element, const std::string& where) {
+  const std::int64_t size = file_size_of(obj, where);
+  KMOE_CHECK_INPUT(n >= 0 && n <= size / std::max<std::int64_t>(element, 1), where, ": declares ", n, " elements of ",
+                   element, " bytes, more than the file's ", size, " bytes hold (damaged?)");
+}
+
 std::string read_string_attr(hid_t obj, const char* name, const std::string& where) {
   require_attr(obj, name, where);
   const std::string w = where + " attribute " + name;
@@ -179,6 +325,7 @@ std::string read_string_attr(hid_t obj, const char* name, const std::string& whe
                    ": expected a fixed-length string");
   const std::size_t size = H5Tget_size(ftype);
   KMOE_CHECK_INPUT(size > 0 && size < (std::size_t(1) << 30), w, ": bad string size ", size);
+  check_fits_file(obj, static_cast<std::int64_t>(size), 1, w);
   H5Handle mtype(KMOE_H5(H5Tcopy(H5T_C_S1), w));
   KMOE_H5(H5Tset_size(mtype, size), w);
   KMOE_H5(H5Tset_strpad(mtype, H5T_STR_NULLTERM), w);
@@ -194,6 +341,7 @@ std::vector<std::int64_t> read_int_attrs(hid_t obj, const char* name, const std:
   H5Handle attr(KMOE_H5(H5Aopen(obj, name, H5P_DEFAULT), w));
   H5Handle space(KMOE_H5(H5Aget_space(attr), w));
   const hssize_t n = KMOE_H5(H5Sget_simple_extent_npoints(space), w);
+  check_fits_file(obj, n, 8, w);
   std::vector<std::int64_t> v(static_cast<std::size_t>(n));
   H5Handle ftype(KMOE_H5(H5Aget_type(attr), w));
   KMOE_CHECK_INPUT(H5Tget_class(ftype) == H5T_INTEGER, w, ": expected integers");
@@ -222,6 +370,7 @@ std::string read_bytes(hid_t loc, const std::string& name, const std::string& wh
   H5Handle dset(KMOE_H5(H5Dopen2(loc, name.c_str(), H5P_DEFAULT), w));
   H5Handle space(KMOE_H5(H5Dget_space(dset), w));
   const hssize_t n = KMOE_H5(H5Sget_simple_extent_npoints(space), w);
+  check_fits_file(loc, n, 1, w);
   std::string bytes(static_cast<std::size_t>(n), '\0');
   if (n) KMOE_H5(H5Dread(dset, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()), w);
   return bytes;
@@ -264,6 +413,7 @@ std::vector<std::int64_t> read_ints(hid_t loc, const std::string& name, const st
   H5Handle dset(KMOE_H5(H5Dopen2(loc, name.c_str(), H5P_DEFAULT), w));
   H5Handle space(KMOE_H5(H5Dget_space(dset), w));
   const hssize_t n = KMOE_H5(H5Sget_simple_extent_npoints(space), w);
+  check_fits_file(loc, n, 8, w);
   std::vector<std::int64_t> v(static_cast<std::size_t>(n));
   if (n) KMOE_H5(H5Dread(dset, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()), w);
   return v;
@@ -287,6 +437,53 @@ H5Handle create_file(const fs::path& path) {
   return H5Handle(KMOE_H5(H5Fcreate(w.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl), w));
 }
 
+/// Refuses to start writing `path` when its file system (or the process's file size limit) cannot take about
+/// `estimate` bytes. HDF5 1.10 cannot recover from a write that fails inside H5Fclose (the file id stays, half
+/// destroyed, and the library crashes when it shuts down, e.g. at MPI_Finalize), so a save that would fill the disk
+/// must fail before HDF5 writes, with a message saying so.
+void check_space(const fs::path& path, std::int64_t estimate) {
+  struct statvfs vfs {};
+  if (::statvfs(path.parent_path().c_str(), &vfs) == 0) {
+    const auto avail = static_cast<std::uint64_t>(vfs.f_bavail) * static_cast<std::uint64_t>(vfs.f_frsize);
+    KMOE_CHECK_INPUT(static_cast<std::uint64_t>(estimate) <= avail, path.string(), ": not enough disk space (about ",
+                     estimate, " bytes needed, ", avail, " available)");
+  }
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_FSIZE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY)
+    KMOE_CHECK_INPUT(static_cast<std::uint64_t>(estimate) <= static_cast<std::uint64_t>(limit.rlim_cur),
+                     path.string(), ": the file size limit (ulimit -f: ", limit.rlim_cur,
+                     " bytes) is below the about ", estimate, " bytes this file needs");
+}
+
+// Generous upper bounds of what HDF5 writes: the data, Fletcher32's 4 bytes per chunk, a few KiB of object header,
+// attributes and chunk index per dataset or attribute, and the file's own structures.
+constexpr std::int64_t kPerObjectBytes = 8192, kPerFileBytes = 256 << 10;
+
+std::int64_t rank_file_estimate(const CheckpointContents& c) {
+  std::int64_t total = kPerFileBytes;
+  for (const auto& p : c.tensors) {
+    const std::int64_t rows = p.row_end - p.row_begin;
+    const std::int64_t row = checked_bytes(p.global_shape, 1, std::max<std::int64_t>(1, dtype_bits(p.dtype) / 8));
+    const std::int64_t bytes = row < 0 || (rows > 0 && row > (std::int64_t(1) << 62) / rows) ? 0 : rows * row;
+    total += bytes + 4 * (bytes / kChunkBytes + 1) + kPerObjectBytes + 2 * static_cast<std::int64_t>(p.name.size());
+  }
+  return total;
+}
+
+std::int64_t manifest_estimate(const CheckpointContents& c, int size) {
+  std::int64_t total = kPerFileBytes + size * (kPerObjectBytes / 8) + 16 * kPerObjectBytes;
+  for (const auto& [k, v] : c.attributes) total += kPerObjectBytes + 2 * static_cast<std::int64_t>(k.size() + v.size());
+  for (const auto& t : c.source.tensors)
+    total += 2 * static_cast<std::int64_t>(t.name.size() + t.file.size() + t.dtype.size() + 8 * t.shape.size() + 16);
+  for (const auto& f : c.source.files) {
+    total += 2 * static_cast<std::int64_t>(f.name.size() + 16);
+    for (const auto& n : f.tensors) total += 2 * static_cast<std::int64_t>(n.size() + 1);
+    for (const auto& [k, v] : f.metadata) total += 2 * static_cast<std::int64_t>(k.size() + v.size() + 16);
+  }
+  for (const auto& [k, v] : c.source.text_files) total += kPerObjectBytes + static_cast<std::int64_t>(v.size());
+  return total;
+}
+
 H5Handle open_file(const fs::path& path) {
   const std::string w = path.string();
   return H5Handle(KMOE_H5(H5Fopen(w.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), w));
@@ -301,8 +498,8 @@ std::string rank_file_name(int rank, int size) {
 // ---- writer --------------------------------------------------------------------------------------------------
 
 void check_piece(const TensorPiece& p, const std::string& where) {
-  KMOE_CHECK_INPUT(!p.name.empty() && p.name.find('/') == std::string::npos && p.name != "." , where,
-                   ": bad tensor name '", p.name, "' (non-empty, no '/')");
+  KMOE_CHECK_INPUT(!p.name.empty() && p.name.find('\0') == std::string::npos, where, ": bad tensor name '",
+                   kmoe::detail::printable(p.name), "' (non-empty, no NUL)");
   dtype_info(p.dtype, where + " tensor " + p.name);
   KMOE_CHECK_INPUT(!p.global_shape.empty(), where, " tensor ", p.name, ": shape must have at least one dimension");
   for (auto d : p.global_shape)
@@ -336,7 +533,8 @@ void write_piece(hid_t group, const TensorPiece& p, const std::string& file) {
     KMOE_H5(H5Pset_chunk(dcpl, static_cast<int>(chunk.size()), chunk.data()), w);
     KMOE_H5(H5Pset_fletcher32(dcpl), w);
   }
-  H5Handle dset(KMOE_H5(H5Dcreate2(group, p.name.c_str(), dt.file(), space, H5P_DEFAULT, dcpl, H5P_DEFAULT), w));
+  H5Handle dset(
+      KMOE_H5(H5Dcreate2(group, encode_name(p.name).c_str(), dt.file(), space, H5P_DEFAULT, dcpl, H5P_DEFAULT), w));
   write_string_attr(dset, "dtype", dt.name, w);
   write_int_attrs(dset, "global_shape", p.global_shape, w);
   write_int_attr(dset, "row_begin", p.row_begin, w);
@@ -347,12 +545,14 @@ void write_piece(hid_t group, const TensorPiece& p, const std::string& file) {
 void write_rank_file(const fs::path& path, const CheckpointContents& c, int rank, int size,
                      const std::function<void(const std::string&)>& stage) {
   const std::string w = path.string();
+  check_space(path, rank_file_estimate(c));
   H5Handle file = create_file(path);
   write_string_attr(file, "format", kFormat, w);
   write_int_attr(file, "format_version", kFormatVersion, w);
   write_int_attr(file, "rank", rank, w);
   write_int_attr(file, "world_size", size, w);
   write_int_attr(file, "step", c.step, w);
+  write_string_attr(file, "file_id", new_file_id(), w);
   H5Handle tensors = create_group(file, "tensors", w);
   std::vector<std::string> seen;
   for (const auto& p : c.tensors) {
@@ -363,7 +563,7 @@ void write_rank_file(const fs::path& path, const CheckpointContents& c, int rank
   }
   std::sort(seen.begin(), seen.end());
   const auto dup = std::adjacent_find(seen.begin(), seen.end());
-  KMOE_CHECK_INPUT(dup == seen.end(), w, ": tensor '", *dup, "' given twice by rank ", rank);
+  KMOE_CHECK_INPUT(dup == seen.end(), w, ": tensor '", kmoe::detail::printable(*dup), "' given twice by rank ", rank);
   tensors.reset();
   file.close_file_checked(w);
   detail::fsync_path(path, false);
@@ -469,25 +669,35 @@ SourcePlan read_source(hid_t file, const std::string& w) {
 void write_manifest(const fs::path& tmp_dir, const CheckpointContents& c, int size) {
   const fs::path path = tmp_dir / kManifestName;
   const std::string w = path.string();
+  ManifestContents m;
+  m.step = c.step;
+  m.world_size = size;
+  m.architecture = c.architecture;
+  m.attributes = c.attributes;
+  m.source = &c.source;
+  for (int r = 0; r < size; ++r) {
+    m.rank_files.push_back(rank_file_name(r, size));
+    const fs::path rank_path = tmp_dir / m.rank_files.back();
+    m.rank_file_sizes.push_back(static_cast<std::int64_t>(fs::file_size(rank_path)));
+    H5Handle rank_file = open_file(rank_path);
+    m.rank_file_ids.push_back(read_string_attr(rank_file, "file_id", rank_path.string()));
+  }
+  for (const auto& [b, e] : c.expert_ranges) {
+    m.expert_ranges.push_back(b);
+    m.expert_ranges.push_back(e);
+  }
+  check_space(path, manifest_estimate(c, size));
   H5Handle file = create_file(path);
   write_string_attr(file, "format", kManifestFormat, w);
   write_int_attr(file, "format_version", kFormatVersion, w);
   write_int_attr(file, "world_size", size, w);
   write_int_attr(file, "step", c.step, w);
   write_string_attr(file, "architecture", c.architecture, w);
-  std::vector<std::string> names;
-  std::vector<std::int64_t> sizes, ranges;
-  for (int r = 0; r < size; ++r) {
-    names.push_back(rank_file_name(r, size));
-    sizes.push_back(static_cast<std::int64_t>(fs::file_size(tmp_dir / names.back())));
-  }
-  for (const auto& [b, e] : c.expert_ranges) {
-    ranges.push_back(b);
-    ranges.push_back(e);
-  }
-  write_strings(file, "rank_files", names, w);
-  write_ints(file, "rank_file_sizes", sizes, w);
-  write_ints(file, "expert_ranges", ranges, w);
+  write_int_attr(file, "digest", manifest_digest(m), w);
+  write_strings(file, "rank_files", m.rank_files, w);
+  write_strings(file, "rank_file_ids", m.rank_file_ids, w);
+  write_ints(file, "rank_file_sizes", m.rank_file_sizes, w);
+  write_ints(file, "expert_ranges", m.expert_ranges, w);
   H5Handle attrs = create_group(file, "attributes", w);
   for (const auto& [k, v] : c.attributes) write_string_attr(attrs, k.c_str(), v, w + " group attributes");
   attrs.reset();
@@ -620,7 +830,7 @@ Hdf5Checkpoint Hdf5Checkpoint::open(const fs::path& dir) {
   KMOE_CHECK_INPUT(fs::is_regular_file(mpath, ec), "checkpoint ", dir.string(), ": no ", kManifestName,
                    " (not a kmoe checkpoint, or an incomplete save)");
   const std::string mw = mpath.string();
-  std::vector<std::string> rank_files;
+  std::vector<std::string> rank_files, rank_ids;
   std::vector<std::int64_t> rank_sizes;
   {
     H5Handle m = open_file(mpath);
@@ -633,10 +843,13 @@ Hdf5Checkpoint Hdf5Checkpoint::open(const fs::path& dir) {
     KMOE_CHECK_INPUT(ws >= 1 && ws < (1 << 24), mw, ": bad world_size ", ws);
     impl->world_size = static_cast<int>(ws);
     impl->architecture = read_string_attr(m, "architecture", mw);
+    const std::int64_t digest = read_int_attr(m, "digest", mw);
     rank_files = read_strings(m, "rank_files", mw);
+    rank_ids = read_strings(m, "rank_file_ids", mw);
     rank_sizes = read_ints(m, "rank_file_sizes", mw);
-    KMOE_CHECK_INPUT(rank_files.size() == static_cast<std::size_t>(ws) && rank_sizes.size() == rank_files.size(), mw,
-                     ": lists ", rank_files.size(), " rank files for world size ", ws);
+    KMOE_CHECK_INPUT(rank_files.size() == static_cast<std::size_t>(ws) && rank_sizes.size() == rank_files.size() &&
+                         rank_ids.size() == rank_files.size(),
+                     mw, ": lists ", rank_files.size(), " rank files for world size ", ws);
     const auto ranges = read_ints(m, "expert_ranges", mw);
     KMOE_CHECK_INPUT(ranges.size() % 2 == 0, mw, ": odd expert_ranges length");
     for (std::size_t i = 0; i < ranges.size(); i += 2) impl->expert_ranges.emplace_back(ranges[i], ranges[i + 1]);
@@ -649,6 +862,18 @@ Hdf5Checkpoint Hdf5Checkpoint::open(const fs::path& dir) {
     KMOE_H5(H5Aiterate2(attrs, H5_INDEX_NAME, H5_ITER_INC, nullptr, collect, &keys), mw + " group attributes");
     for (const auto& k : keys) impl->attributes[k] = read_string_attr(attrs, k.c_str(), mw + " group attributes");
     impl->source = read_source(m, mw);
+    ManifestContents mc;
+    mc.step = impl->step;
+    mc.world_size = ws;
+    mc.architecture = impl->architecture;
+    mc.rank_files = rank_files;
+    mc.rank_file_ids = rank_ids;
+    mc.rank_file_sizes = rank_sizes;
+    mc.expert_ranges = ranges;
+    mc.attributes = impl->attributes;
+    mc.source = &impl->source;
+    KMOE_CHECK_INPUT(manifest_digest(mc) == digest, mw,
+                     ": its contents do not match their digest (the manifest is damaged)");
   }
 
   for (int r = 0; r < impl->world_size; ++r) {
@@ -666,6 +891,9 @@ Hdf5Checkpoint Hdf5Checkpoint::open(const fs::path& dir) {
     KMOE_CHECK_INPUT(read_int_attr(f, "rank", w) == r && read_int_attr(f, "world_size", w) == impl->world_size &&
                          read_int_attr(f, "step", w) == impl->step,
                      w, ": rank/world_size/step do not match the manifest (a shard of another checkpoint?)");
+    KMOE_CHECK_INPUT(read_string_attr(f, "file_id", w) == rank_ids[static_cast<std::size_t>(r)], w,
+                     ": saved by another save than the manifest's (its file_id differs): a rank file of another run "
+                     "or of an earlier save of this checkpoint");
     H5Handle g = open_group(f, "tensors", w);
     std::vector<std::string> names;
     auto collect = [](hid_t, const char* name, const H5L_info_t*, void* data) -> herr_t {
@@ -673,9 +901,10 @@ Hdf5Checkpoint Hdf5Checkpoint::open(const fs::path& dir) {
       return 0;
     };
     KMOE_H5(H5Literate(g, H5_INDEX_NAME, H5_ITER_INC, nullptr, collect, &names), w + " group tensors");
-    for (const auto& n : names) {
-      const std::string dw = w + " dataset /tensors/" + n;
-      H5Handle d(KMOE_H5(H5Dopen2(g, n.c_str(), H5P_DEFAULT), dw));
+    for (const auto& stored : names) {
+      const std::string dw = w + " dataset /tensors/" + stored;
+      const std::string n = decode_name(stored, dw);
+      H5Handle d(KMOE_H5(H5Dopen2(g, stored.c_str(), H5P_DEFAULT), dw));
       const DtypeInfo& dt = dtype_by_name(read_string_attr(d, "dtype", dw), dw);
       StoredTensorInfo info{n, dt.dtype, read_int_attrs(d, "global_shape", dw)};
       Piece piece{r, read_int_attr(d, "row_begin", dw), read_int_attr(d, "row_end", dw)};
@@ -694,6 +923,13 @@ Hdf5Checkpoint Hdf5Checkpoint::open(const fs::path& dir) {
       KMOE_CHECK_INPUT(std::vector<std::int64_t>(dims.begin(), dims.end()) == expect, dw, ": dataset shape ",
                        shape_string(std::vector<std::int64_t>(dims.begin(), dims.end())), ", attributes say ",
                        shape_string(expect));
+      // The piece's bytes are in this file (checksummed chunks, no compression): a shape no file could hold is
+      // damage, refused before any read allocates for it.
+      const std::int64_t row_bytes = checked_bytes(info.shape, 1, static_cast<std::int64_t>(dt.size));
+      KMOE_CHECK_INPUT(row_bytes >= 0 && (expect[0] == 0 || row_bytes <= rank_sizes[static_cast<std::size_t>(r)] /
+                                                                              expect[0]),
+                       dw, ": ", shape_string(expect), " of ", dt.name, " is more than the file's ",
+                       rank_sizes[static_cast<std::size_t>(r)], " bytes hold (damaged?)");
       auto [it, inserted] = impl->tensors.try_emplace(n, StoredTensor{info, {}});
       KMOE_CHECK_INPUT(inserted || (it->second.info.dtype == info.dtype && it->second.info.shape == info.shape), dw,
                        ": ", dt.name, shape_string(info.shape), " disagrees with another rank's ",
@@ -760,7 +996,7 @@ void Hdf5Checkpoint::read_rows(const std::string& name, std::int64_t row_begin, 
     const std::int64_t lo = std::max(row_begin, p.row_begin), hi = std::min(row_end, p.row_end);
     if (lo >= hi || row_bytes == 0) continue;
     const std::string w = impl_->file_paths[static_cast<std::size_t>(p.file)].string() + " dataset /tensors/" + name;
-    H5Handle d(KMOE_H5(H5Dopen2(impl_->files[static_cast<std::size_t>(p.file)], ("tensors/" + name).c_str(),
+    H5Handle d(KMOE_H5(H5Dopen2(impl_->files[static_cast<std::size_t>(p.file)], ("tensors/" + encode_name(name)).c_str(),
                                 H5P_DEFAULT),
                        w));
     H5Handle fspace(KMOE_H5(H5Dget_space(d), w));

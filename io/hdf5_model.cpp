@@ -2,13 +2,12 @@
 // layers in kmoe's layout in and out (re-sliced to any expert range), and conversion back to the Hugging Face
 // directory, byte for byte when the weights are unchanged.
 #include <algorithm>
-#include <fstream>
 #include <kmoe/core/progress.hpp>
 #include <kmoe/io/atomic_file.hpp>
 #include <kmoe/io/hdf5_checkpoint.hpp>
 #include <set>
-#include <sstream>
 
+#include "detail/file_util.hpp"
 #include "hdf5_detail.hpp"
 
 namespace kmoe::io {
@@ -22,20 +21,9 @@ const char* const kTextFiles[] = {"config.json", "generation_config.json", "mode
 // Of those, the ones copied from ORIGINAL_HF_DIR when it is given (the index is the checkpoint's own plan).
 const char* const kConfigFiles[] = {"config.json", "generation_config.json"};
 
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  KMOE_CHECK_INPUT(f, p.string(), ": cannot open");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  KMOE_CHECK_INPUT(!f.bad(), p.string(), ": read error");
-  return ss.str();
-}
+std::string read_file(const fs::path& p) { return detail::read_regular_file(p, detail::kMaxJsonFileBytes); }
 
-std::string shape_text(const std::vector<std::int64_t>& s) {
-  std::string r = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
+std::string shape_text(const std::vector<std::int64_t>& s) { return kmoe::detail::dims_text(s); }
 
 template <class View>
 std::vector<std::int64_t> dims_of(const View& v) {
@@ -73,7 +61,7 @@ SourcePlan source_plan_of(const HfCheckpoint& hf) {
   }
   for (const char* name : kTextFiles) {
     const fs::path p = hf.dir() / name;
-    if (fs::is_regular_file(p)) plan.text_files[name] = read_file(p);
+    if (detail::path_exists(p)) plan.text_files[name] = read_file(p);  // a FIFO or directory: an error
   }
   return plan;
 }
@@ -273,21 +261,138 @@ std::vector<NamedTensorBytes> layer_tensors(const Hdf5Checkpoint& ck, const Mode
 
 }  // namespace
 
-void convert_to_hf(const Hdf5Checkpoint& ck, const fs::path& out_in, const fs::path& original_dir) {
-  const fs::path out = fs::absolute(out_in).lexically_normal();
+namespace {
+
+/// `p` made absolute with every symbolic link of its existing part resolved; InputError (a loop, a bad component).
+fs::path resolved(const fs::path& p, const char* what) {
+  std::error_code ec;
+  const fs::path r = fs::weakly_canonical(fs::absolute(p, ec), ec);
+  KMOE_CHECK_INPUT(!ec, what, " ", p.string(), ": cannot resolve the path: ", ec.message());
+  return r;
+}
+
+/// True when `inner` is `outer` or lies inside it (both resolved).
+bool within(const fs::path& inner, const fs::path& outer) {
+  auto i = inner.begin();
+  for (auto o = outer.begin(); o != outer.end(); ++o, ++i) {
+    if (o->empty() && std::next(o) == outer.end()) break;  // a trailing separator
+    if (i == inner.end() || *i != *o) return false;
+  }
+  return true;
+}
+
+// What a conversion writes into its output directory (and what may be replaced by the next one).
+bool written_by_conversion(const fs::directory_entry& e) {
+  const std::string n = e.path().filename().string();
+  std::error_code ec;
+  if (!e.is_regular_file(ec) || e.is_symlink(ec)) return false;
+  for (const char* t : kTextFiles)
+    if (n == t) return true;
+  return n.size() > 12 && n.compare(n.size() - 12, 12, ".safetensors") == 0;
+}
+
+/// Refuses an output directory that would destroy something: the checkpoint or the original directory (being,
+/// holding or lying inside either), an existing file that is not a directory, an existing directory unless
+/// `replace_existing` and it holds only what a conversion writes.
+void check_output_dir(const fs::path& out_in, const fs::path& out, const fs::path& ck_dir, const fs::path& original,
+                      bool replace_existing) {
+  const std::string o = out_in.string();
+  KMOE_CHECK_INPUT(!out.filename().empty() && out != out.root_path(), "convert: output directory '", o,
+                   "' names no directory that can be created");
+  const auto clash = [&](const fs::path& dir, const char* what) {
+    if (dir.empty()) return;
+    KMOE_CHECK_INPUT(out != dir, "convert: output directory ", o, " is the ", what, " ", dir.string());
+    KMOE_CHECK_INPUT(!within(out, dir), "convert: output directory ", o, " lies inside the ", what, " ",
+                     dir.string());
+    KMOE_CHECK_INPUT(!within(dir, out), "convert: output directory ", o, " contains the ", what, " ", dir.string(),
+                     " (replacing it would destroy it)");
+  };
+  clash(ck_dir, "checkpoint directory");
+  clash(original, "original Hugging Face directory");
+  std::error_code ec;
+  const auto link = fs::symlink_status(out_in, ec);
+  if (ec || !fs::exists(link)) return;
+  KMOE_CHECK_INPUT(!fs::is_symlink(link), "convert: output directory ", o,
+                   " is a symbolic link: give the directory it points to");
+  KMOE_CHECK_INPUT(fs::is_directory(link), "convert: output directory ", o, " exists and is not a directory");
+  KMOE_CHECK_INPUT(replace_existing, "convert: output directory ", o,
+                   " exists: remove it, or ask to replace a previous conversion (kmoe convert --force)");
+  for (const auto& e : fs::directory_iterator(out, ec)) {
+    KMOE_CHECK_INPUT(written_by_conversion(e), "convert: output directory ", o, " holds ",
+                     e.path().filename().string(),
+                     ", which a conversion does not write: not replacing it (remove it, or choose another directory)");
+  }
+  KMOE_CHECK_INPUT(!ec, "convert: output directory ", o, ": cannot list: ", ec.message());
+}
+
+/// The config.json a conversion writes must describe the tensors it writes: the architecture, every MoE layer's
+/// expert count and sizes (the shapes the spec derives from the config are the recorded ones), the layer count.
+void check_config_matches(const Hdf5Checkpoint& ck, const ModelSpec& spec, const std::string& text,
+                          const fs::path& label) {
+  const ModelConfig cfg = parse_model_config(text, label);
+  const std::string where = label.string();
+  KMOE_CHECK_INPUT(cfg.architecture == spec.architecture, where, ": architecture '",
+                   kmoe::detail::printable(cfg.architecture), "' contradicts the checkpoint's ", spec.architecture);
+  check_hidden_act(spec, cfg, where);
+  std::map<std::string, const SourceTensor*> source;
+  for (const auto& t : ck.source().tensors) source[t.name] = &t;
+  for (const int layer : moe_layers(ck)) {
+    KMOE_CHECK_INPUT(layer < cfg.num_layers, where, ": num_hidden_layers = ", cfg.num_layers,
+                     " contradicts the checkpoint, which has MoE layer ", layer);
+    for (const auto& e : moe_layer_tensors(spec, cfg, layer)) {
+      const auto it = source.find(e.name);
+      KMOE_CHECK_INPUT(it != source.end() && it->second->shape == e.shape, where, ": ", spec.num_experts_key, " = ",
+                       cfg.num_experts, ", hidden_size = ", cfg.hidden_size, ", ", spec.intermediate_key, " = ",
+                       cfg.intermediate_size, " imply tensor ", e.name, " ", shape_text(e.shape),
+                       ", which contradicts the checkpoint (",
+                       it == source.end() ? std::string("no such tensor") : "it is " + shape_text(it->second->shape),
+                       ")");
+    }
+  }
+}
+
+}  // namespace
+
+void convert_to_hf(const Hdf5Checkpoint& ck, const fs::path& out_in, const fs::path& original_dir,
+                   bool replace_existing) {
+  KMOE_CHECK_USAGE(!out_in.empty(), "convert: the output directory is an empty path");
+  const fs::path out = resolved(out_in, "convert: output directory");
+  const fs::path ck_dir = resolved(ck.dir(), "convert: checkpoint directory");
+  const fs::path original = original_dir.empty() ? fs::path() : resolved(original_dir, "convert: original directory");
+  check_output_dir(out_in, out, ck_dir, original, replace_existing);
   const SourcePlan& plan = ck.source();
   KMOE_CHECK_INPUT(!plan.tensors.empty() && !plan.files.empty(), "checkpoint ", ck.dir().string(),
                    ": records no source checkpoint (tensor names and shard plan), so it cannot be converted");
   const ModelSpec& spec = spec_for(ck.architecture());
+  // Every name of the manifest that becomes a path is a plain file name, each written once.
+  std::set<std::string> file_names;
+  for (const auto& f : plan.files) {
+    detail::check_plain_file_name(f.name, "checkpoint " + ck.dir().string(), "source shard file");
+    KMOE_CHECK_INPUT(file_names.insert(f.name).second, "checkpoint ", ck.dir().string(), ": source shard file ",
+                     f.name, " is listed twice");
+  }
   std::map<std::string, std::string> text_files = plan.text_files;
+  for (const auto& [name, bytes] : text_files) {
+    const bool known = std::any_of(std::begin(kTextFiles), std::end(kTextFiles), [&](const char* t) { return name == t; });
+    KMOE_CHECK_INPUT(known, "checkpoint ", ck.dir().string(), ": records a text file '", kmoe::detail::printable(name),
+                     "', which is none of config.json, generation_config.json, model.safetensors.index.json");
+    KMOE_CHECK_INPUT(!file_names.count(name), "checkpoint ", ck.dir().string(), ": ", name,
+                     " is both a shard and a text file");
+  }
+  fs::path config_label = ck.dir() / "manifest.h5";
   if (!original_dir.empty()) {
-    const HfCheckpoint original = HfCheckpoint::open(original_dir);
-    check_same_model(ck, original);
+    const HfCheckpoint original_ck = HfCheckpoint::open(original_dir);
+    check_same_model(ck, original_ck);
     for (const char* name : kConfigFiles) {
       const fs::path p = original_dir / name;
-      if (fs::is_regular_file(p)) text_files[name] = read_file(p);
+      if (detail::path_exists(p)) text_files[name] = read_file(p);
     }
+    config_label = original_dir / "config.json";
+  } else {
+    config_label /= "source/text_files/config.json";
   }
+  if (const auto c = text_files.find("config.json"); c != text_files.end())
+    check_config_matches(ck, spec, c->second, config_label);
   std::map<std::string, const SourceTensor*> source;
   std::int64_t total_bytes = 0;
   for (const auto& t : plan.tensors) {

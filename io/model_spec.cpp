@@ -183,6 +183,14 @@ const ModelSpec& spec_for(const std::string& architecture) {
                                   "; docs/adding-a-model.md says how to add one)"));
 }
 
+void check_hidden_act(const ModelSpec& spec, const ModelConfig& config, const std::string& where) {
+  if (std::find(spec.hidden_acts.begin(), spec.hidden_acts.end(), config.hidden_act) != spec.hidden_acts.end()) return;
+  std::string known;
+  for (const auto& a : spec.hidden_acts) known += (known.empty() ? "" : ", ") + a;
+  throw InputError(detail::concat(where, ": hidden_act '", kmoe::detail::printable(config.hidden_act),
+                                  "' is not supported for ", spec.architecture, " (kmoe computes: ", known, ")"));
+}
+
 // ---- shared machinery ---------------------------------------------------------------------------------------
 
 namespace {
@@ -197,11 +205,7 @@ std::string tensor_name(const TensorRule& r, int layer, std::int64_t expert) {
   return r.per_expert ? replace_all(s, "{expert}", std::to_string(expert)) : s;
 }
 
-std::string shape_text(const std::vector<std::int64_t>& s) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
+std::string shape_text(const std::vector<std::int64_t>& s) { return kmoe::detail::dims_text(s); }
 
 /// The kmoe tensors of a layer, in this order (MoeLayerWeights' fields): router, router_bias, score_bias, w1, w3, w2,
 /// w1_bias, w3_bias, w2_bias, shared_w1, shared_w3, shared_w2, shared_gate. Absent rules have no slot.
@@ -475,6 +479,17 @@ MoeLayerWeights<T> load_moe_layer(const HfCheckpoint& ck, const ModelSpec& spec,
   const std::int64_t E = c.num_experts, H = c.hidden_size, F = c.intermediate_size, S = c.shared_intermediate_size;
   const auto ss = slots(spec, E, H, F, S);
   const auto gs = groups(ss, layer);
+  check_hidden_act(spec, c, ck.dir().string() + "/config.json");
+  // Every tensor present and of the shape the config implies before anything is allocated: the config's sizes are
+  // only trusted once the file's tensors agree with them.
+  for (const auto& g : gs) {
+    KMOE_CHECK_INPUT(ck.has(g.tensor.name), where, ": missing tensor '", g.tensor.name,
+                     "' (expected: ", expected_list(gs, spec, layer, E), ")");
+    const TensorView& t = ck.tensor(g.tensor.name);
+    KMOE_CHECK_INPUT(t.shape == g.tensor.shape, where, ": tensor '", g.tensor.name, "' has shape ", t.shape_string(),
+                     ", expected ", shape_text(g.tensor.shape), " (expected: ", expected_list(gs, spec, layer, E),
+                     ")");
+  }
   MoeLayerWeights<T> w;
   const SlotViews<MoeLayerWeights<T>> views{w};
   for (const auto& slot : ss)
@@ -490,12 +505,7 @@ MoeLayerWeights<T> load_moe_layer(const HfCheckpoint& ck, const ModelSpec& spec,
         v = V(alloc, k[0], k[1], k[2]);
     });
   for (const auto& g : gs) {
-    KMOE_CHECK_INPUT(ck.has(g.tensor.name), where, ": missing tensor '", g.tensor.name,
-                     "' (expected: ", expected_list(gs, spec, layer, E), ")");
     const TensorView& t = ck.tensor(g.tensor.name);
-    KMOE_CHECK_INPUT(t.shape == g.tensor.shape, where, ": tensor '", g.tensor.name, "' has shape ", t.shape_string(),
-                     ", expected ", shape_text(g.tensor.shape), " (expected: ", expected_list(gs, spec, layer, E),
-                     ")");
     for (const auto& [slot, expert] : g.parts)
       views.visit(slot->id, [&, slot = slot, expert = expert](auto& v) {
         using U = typename std::decay_t<decltype(v)>::value_type;

@@ -19,8 +19,8 @@
 #include <limits>
 #include <numeric>
 #include <set>
-#include <sstream>
 #include <unordered_map>
+#include <functional>
 
 namespace kmoe::io {
 
@@ -43,7 +43,8 @@ struct Mapping {
 
 std::shared_ptr<const Mapping> map_file(const std::filesystem::path& path) {
   const std::string p = path.string();
-  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; its type is refused right after.
+  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   KMOE_CHECK_INPUT(fd >= 0, p, ": cannot open: ", std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
@@ -53,7 +54,7 @@ std::shared_ptr<const Mapping> map_file(const std::filesystem::path& path) {
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw InputError(detail::concat(p, ": not a regular file"));
+    throw InputError(detail::concat(p, ": not a regular file (", S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a device or socket", ")"));
   }
   auto m = std::make_shared<Mapping>();
   m->size = static_cast<std::size_t>(st.st_size);
@@ -102,17 +103,6 @@ std::size_t utf8_invalid_at(const unsigned char* s, std::size_t n) {
   return n;
 }
 
-/// A non-negative integer of the header ("shape" entry, "data_offsets" entry); InputError otherwise.
-std::uint64_t header_uint(const detail::json& j, const std::string& where, const char* what) {
-  if (j.is_number_unsigned()) return j.get<std::uint64_t>();
-  if (j.is_number_integer()) {
-    const auto v = j.get<std::int64_t>();
-    KMOE_CHECK_INPUT(v >= 0, where, ": negative ", what, " ", v);
-    return static_cast<std::uint64_t>(v);
-  }
-  throw InputError(detail::concat(where, ": ", what, " must be a non-negative integer, got ", j.dump()));
-}
-
 }  // namespace
 
 struct SafetensorsFile::Impl {
@@ -128,6 +118,258 @@ struct SafetensorsFile::Impl {
 };
 
 namespace {
+
+/// Deepest nesting a header may have. A valid header needs 3 (the object, a tensor entry, its shape); the bound
+/// leaves room for unknown fields, which are skipped like the Rust library's serde does, and keeps hostile headers
+/// ([[[[...) from costing memory or stack anywhere downstream.
+constexpr int kMaxHeaderDepth = 64;
+
+/// One tensor entry as the header states it, before validation.
+struct RawEntry {
+  std::string name;
+  std::string dtype;
+  std::vector<std::int64_t> shape;  // moved into the TensorView: a shape costs 8 bytes per dimension, once
+  std::vector<std::uint64_t> offsets;
+  bool has_dtype = false, has_shape = false, has_offsets = false;
+  bool dimension_too_large = false;  // a dimension above 2^63 - 1
+};
+
+/// A JSON value's kind for messages.
+const char* kind_name(int kind) {
+  static const char* names[] = {"null", "boolean", "number", "string", "array", "object"};
+  return names[kind];
+}
+enum Kind { kNull, kBool, kNumber, kString, kArray, kObject };
+
+/// SAX handler for a safetensors header: builds the entries directly (no DOM), so that memory stays linear in the
+/// header size and the work linear in the number of tensors; rejects what the Rust library rejects (duplicate
+/// fields of an entry, wrong types) with messages that name the tensor.
+class HeaderSax {
+ public:
+  /// `on_entry` receives each tensor entry once it is complete (validated and stored by the caller, so that only
+  /// one raw entry exists at a time); `index` receives every name, mapped to its entry's number.
+  HeaderSax(std::string file, std::function<void(RawEntry&)> on_entry,
+            std::unordered_map<std::string, std::size_t>& index, MetadataEntries& metadata, bool& has_metadata)
+      : file_(std::move(file)), on_entry_(std::move(on_entry)), metadata_(metadata), has_metadata_(has_metadata),
+        index_(index) {}
+
+  using json = detail::json;
+  bool null() { return scalar(kNull, "null"); }
+  bool boolean(bool v) { return scalar(kBool, v ? "true" : "false"); }
+  bool number_integer(json::number_integer_t v) {
+    if (v >= 0) return number_unsigned(static_cast<std::uint64_t>(v));
+    if (state_ == State::Shape || state_ == State::Offsets)
+      fail(where(), ": negative ", state_ == State::Shape ? "dimension " : "data offset ", v);
+    return scalar(kNumber, std::to_string(v));
+  }
+  bool number_unsigned(json::number_unsigned_t v) {
+    if (state_ == State::Shape) {
+      RawEntry& e = cur_;
+      constexpr auto kMax = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
+      if (v > kMax) e.dimension_too_large = true;
+      e.shape.push_back(static_cast<std::int64_t>(std::min(v, kMax)));
+      return true;
+    }
+    if (state_ == State::Offsets) {
+      cur_.offsets.push_back(v);
+      return true;
+    }
+    return scalar(kNumber, std::to_string(v));
+  }
+  bool number_float(json::number_float_t, const json::string_t& text) { return scalar(kNumber, text); }
+  bool string(json::string_t& v) {
+    if (state_ == State::Dtype) {
+      cur_.dtype = std::move(v);
+      state_ = State::Entry;
+      return true;
+    }
+    if (state_ == State::MetadataValue) {
+      check_no_nul(v, "__metadata__ value of '" + printable(key_) + "'");
+      const auto [it, fresh] = metadata_index_.try_emplace(key_, metadata_.size());
+      if (fresh)
+        metadata_.emplace_back(key_, std::move(v));
+      else
+        metadata_[it->second].second = std::move(v);  // a repeated key keeps its first place and its last value
+      state_ = State::Metadata;
+      return true;
+    }
+    return scalar(kString, "\"" + printable(v, 64) + "\"");
+  }
+  bool binary(json::binary_t&) { return scalar(kString, "binary"); }
+
+  bool start_object(std::size_t) {
+    enter();
+    switch (state_) {
+      case State::Start: state_ = State::Root; return true;
+      case State::RootValue:
+        if (key_ == "__metadata__") {
+          has_metadata_ = true;
+          state_ = State::Metadata;
+        } else {
+          state_ = State::Entry;
+        }
+        return true;
+      default: return nested(kObject);
+    }
+  }
+  bool start_array(std::size_t) {
+    enter();
+    switch (state_) {
+      case State::Start: fail(file_, ": header is not a JSON object");
+      case State::ShapeValue: state_ = State::Shape; return true;
+      case State::OffsetsValue: state_ = State::Offsets; return true;
+      default: return nested(kArray);
+    }
+  }
+  bool end_object() {
+    --depth_;
+    switch (state_) {
+      case State::Skip: return end_skip();
+      case State::Metadata: state_ = State::Root; return true;
+      case State::Entry: {
+        KMOE_CHECK_INPUT(cur_.has_dtype && cur_.has_shape && cur_.has_offsets, where(),
+                         ": entry needs \"dtype\", \"shape\" and \"data_offsets\"");
+        on_entry_(cur_);
+        state_ = State::Root;
+        return true;
+      }
+      case State::Root: state_ = State::Done; return true;
+      default: KMOE_ASSERT(false, "safetensors header: end of object in state ", int(state_));
+    }
+    return false;
+  }
+  bool end_array() {
+    --depth_;
+    switch (state_) {
+      case State::Skip: return end_skip();
+      case State::Shape:
+      case State::Offsets: state_ = State::Entry; return true;
+      default: KMOE_ASSERT(false, "safetensors header: end of array in state ", int(state_));
+    }
+    return false;
+  }
+  bool key(json::string_t& k) {
+    if (state_ == State::Root) {
+      if (k == "__metadata__") {
+        KMOE_CHECK_INPUT(!seen_metadata_, file_, ": \"__metadata__\" given twice");
+        seen_metadata_ = true;
+      } else {
+        check_no_nul(k, "tensor name '" + printable(k) + "'");
+        KMOE_CHECK_INPUT(index_.emplace(k, index_.size()).second, file_, ": tensor '", printable(k),
+                         "' is listed twice in the header");
+        cur_ = RawEntry{};
+        cur_.name = k;
+      }
+      key_ = std::move(k);
+      state_ = State::RootValue;
+      return true;
+    }
+    if (state_ == State::Metadata) {
+      check_no_nul(k, "__metadata__ key '" + printable(k) + "'");
+      key_ = std::move(k);
+      state_ = State::MetadataValue;
+      return true;
+    }
+    if (state_ == State::Entry) {
+      RawEntry& e = cur_;
+      const auto field = [&](bool& seen, State next) {
+        // serde (the Rust library) refuses a repeated field instead of keeping one of the values.
+        KMOE_CHECK_INPUT(!seen, where(), ": duplicate field \"", k, "\" in the entry");
+        seen = true;
+        state_ = next;
+      };
+      if (k == "dtype")
+        field(e.has_dtype, State::Dtype);
+      else if (k == "shape")
+        field(e.has_shape, State::ShapeValue);
+      else if (k == "data_offsets")
+        field(e.has_offsets, State::OffsetsValue);
+      else
+        state_ = State::SkipValue;  // unknown fields are ignored, as serde does
+      return true;
+    }
+    KMOE_ASSERT(state_ == State::Skip, "safetensors header: key in state ", int(state_));
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&, const json::exception& e) {
+    std::string what = e.what();
+    fail(file_, ": header is not valid JSON (at header offset ", position, "): ", what);
+  }
+
+  bool done() const { return state_ == State::Done; }
+
+ private:
+  enum class State {
+    Start, Root, RootValue, Metadata, MetadataValue, Entry, Dtype, ShapeValue, Shape, OffsetsValue, Offsets,
+    SkipValue, Skip, Done
+  };
+
+  template <class... Args>
+  [[noreturn]] static void fail(Args&&... args) {
+    throw InputError(detail::concat(std::forward<Args>(args)...));
+  }
+  static std::string printable(const std::string& s, std::size_t max = 256) { return kmoe::detail::printable(s, max); }
+
+  std::string where() const { return file_ + ": tensor '" + printable(cur_.name) + "'"; }
+
+  void check_no_nul(const std::string& s, const std::string& what) const {
+    KMOE_CHECK_INPUT(s.find('\0') == std::string::npos, file_, ": ", what, " contains a NUL character (\\u0000)");
+  }
+
+  void enter() {
+    KMOE_CHECK_INPUT(++depth_ <= kMaxHeaderDepth, file_, ": header nests deeper than ", kMaxHeaderDepth,
+                     " levels: not a safetensors header");
+  }
+
+  /// A scalar where the state expects one (or not).
+  bool scalar(int kind, const std::string& text) {
+    switch (state_) {
+      case State::SkipValue: state_ = State::Entry; return true;
+      case State::Skip: return true;
+      default: return wrong(kind, text);
+    }
+  }
+  /// An object or array opening inside a value of the given state.
+  bool nested(int kind) {
+    switch (state_) {
+      case State::SkipValue: skip_from_ = depth_; state_ = State::Skip; return true;
+      case State::Skip: return true;
+      default: return wrong(kind, kind_name(kind));
+    }
+  }
+  bool end_skip() {
+    if (depth_ < skip_from_) state_ = State::Entry;
+    return true;
+  }
+  [[noreturn]] bool wrong(int kind, const std::string& text) {
+    const std::string got = kind == kArray || kind == kObject ? std::string("an ") + kind_name(kind) : text;
+    switch (state_) {
+      case State::RootValue:
+        if (key_ == "__metadata__") fail(file_, ": __metadata__ must be an object of strings, got ", got);
+        fail(where(), ": entry must be an object, got ", got);
+      case State::MetadataValue:
+        fail(file_, ": __metadata__ value of '", printable(key_), "' must be a string, got ", kind_name(kind));
+      case State::Dtype: fail(where(), ": dtype must be a string, got ", got);
+      case State::ShapeValue: fail(where(), ": shape must be an array, got ", got);
+      case State::Shape: fail(where(), ": dimension must be a non-negative integer, got ", got);
+      case State::OffsetsValue: fail(where(), ": data_offsets must be [begin, end], got ", got);
+      case State::Offsets: fail(where(), ": data offset must be a non-negative integer, got ", got);
+      default: fail(file_, ": header is not a JSON object");
+    }
+  }
+
+  std::string file_;
+  std::function<void(RawEntry&)> on_entry_;
+  RawEntry cur_;  // the entry being read
+  MetadataEntries& metadata_;
+  bool& has_metadata_;
+  State state_ = State::Start;
+  int depth_ = 0, skip_from_ = 0;
+  std::string key_;
+  bool seen_metadata_ = false;
+  std::unordered_map<std::string, std::size_t>& index_;  // name -> entry (file order once validated)
+  std::unordered_map<std::string, std::size_t> metadata_index_;
+};
 
 /// Parses and validates the header and buffer layout of a whole file of `size` bytes at `bytes`.
 void parse(SafetensorsFile::Impl& f) {
@@ -147,87 +389,41 @@ void parse(SafetensorsFile::Impl& f) {
   KMOE_CHECK_INPUT(bad == n, file, ": header is not UTF-8 (invalid byte 0x", std::hex,
                    static_cast<unsigned>(h[bad]), std::dec, " at header offset ", bad, ")");
   KMOE_CHECK_INPUT(h[0] == '{', file, ": header does not start with '{' (not a safetensors file?)");
-  detail::json j;
-  // The DOM sorts keys; the callback sees them in document order, which is kept for the metadata (the Python library
-  // writes its metadata HashMap in arbitrary order, and a faithful rewrite must reproduce it).
-  std::vector<std::string> metadata_order;
-  bool in_metadata = false;
-  const auto note_keys = [&](int depth, detail::json::parse_event_t event, detail::json& parsed) {
-    if (event == detail::json::parse_event_t::key) {
-      if (depth == 1) in_metadata = parsed.is_string() && parsed.get_ref<const std::string&>() == "__metadata__";
-      if (depth == 2 && in_metadata && parsed.is_string()) metadata_order.push_back(parsed.get<std::string>());
-    }
-    return true;
-  };
-  try {
-    j = detail::json::parse(h, h + n, note_keys);
-  } catch (const detail::json::exception& e) {
-    std::string what = e.what();
-    std::replace(what.begin(), what.end(), '\n', ' ');
-    throw InputError(detail::concat(file, ": header is not valid JSON: ", what));
-  }
-  KMOE_CHECK_INPUT(j.is_object(), file, ": header is not a JSON object");
-
   const std::uint64_t data_size = f.size - 8 - n;
-  struct Entry {
-    std::uint64_t begin, end;
-    std::size_t tensor;
-  };
-  std::vector<Entry> entries;
   std::vector<TensorView> tensors;
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    const std::string& name = it.key();
-    if (name == "__metadata__") {
-      KMOE_CHECK_INPUT(it->is_object(), file, ": __metadata__ must be an object of strings, got ", it->type_name());
-      for (auto m = it->begin(); m != it->end(); ++m) {
-        KMOE_CHECK_INPUT(m->is_string(), file, ": __metadata__ value of '", m.key(), "' must be a string, got ",
-                         m->type_name());
-        f.metadata[m.key()] = m->get<std::string>();
-      }
-      std::set<std::string> placed;  // a repeated key keeps its first place and its last value
-      for (const auto& k : metadata_order)
-        if (f.metadata.count(k) && placed.insert(k).second) f.metadata_entries.emplace_back(k, f.metadata.at(k));
-      f.has_metadata = true;
-      continue;
-    }
-    const std::string where = detail::concat(file, ": tensor '", name, "'");
-    KMOE_CHECK_INPUT(it->is_object(), where, ": entry must be an object, got ", it->type_name());
-    const auto dt = it->find("dtype"), sh = it->find("shape"), off = it->find("data_offsets");
-    KMOE_CHECK_INPUT(dt != it->end() && sh != it->end() && off != it->end(), where,
-                     ": entry needs \"dtype\", \"shape\" and \"data_offsets\"");
-    KMOE_CHECK_INPUT(dt->is_string(), where, ": dtype must be a string, got ", dt->dump());
-    const auto dtype = parse_dtype(dt->get_ref<const std::string&>());
+  const auto on_entry = [&](RawEntry& r) {
+    TensorView t;
+    t.name = std::move(r.name);
+    t.file = file;
+    const std::string where = t.where();
+    const auto dtype = parse_dtype(r.dtype);
     if (!dtype) {
       try {
-        dtype_from_name(dt->get_ref<const std::string&>());
+        dtype_from_name(r.dtype);
       } catch (const InputError& e) {
         throw InputError(detail::concat(where, ": ", e.what()));
       }
     }
-    KMOE_CHECK_INPUT(sh->is_array(), where, ": shape must be an array, got ", sh->dump());
-    TensorView t;
-    t.name = name;
     t.dtype = *dtype;
-    t.file = file;
     std::uint64_t numel = 1;
-    bool overflow = false;
-    for (const auto& d : *sh) {
-      const std::uint64_t v = header_uint(d, where, "dimension");
-      KMOE_CHECK_INPUT(v <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()), where,
-                       ": dimension ", v, " too large");
-      t.shape.push_back(static_cast<std::int64_t>(v));
+    bool overflow = r.dimension_too_large;
+    t.shape = std::move(r.shape);
+    for (const std::int64_t d : t.shape) {
+      const auto v = static_cast<std::uint64_t>(d);
       if (v != 0 && numel > std::numeric_limits<std::uint64_t>::max() / v) overflow = true;
       numel *= v;
     }
     KMOE_CHECK_INPUT(!overflow && numel <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
-                     where, ": shape ", t.shape_string(), " overflows");
+                     where, ": shape ", t.shape_string(), " overflows (more than 2^63 elements)");
+    KMOE_CHECK_INPUT(numel <= std::numeric_limits<std::uint64_t>::max() / dtype_bits(t.dtype), where, ": shape ",
+                     t.shape_string(), " of ", dtype_name(t.dtype), " overflows (", numel, " elements x ",
+                     dtype_bits(t.dtype), " bits is more than 2^64 bits)");
     const auto nbytes = dtype_nbytes(t.dtype, static_cast<std::int64_t>(numel));
     KMOE_CHECK_INPUT(nbytes.has_value(), where, ": shape ", t.shape_string(), " of ", dtype_name(t.dtype),
                      " is not a whole number of bytes");
-    KMOE_CHECK_INPUT(off->is_array() && off->size() == 2, where, ": data_offsets must be [begin, end], got ",
-                     off->dump());
-    const std::uint64_t b = header_uint((*off)[0], where, "data offset"),
-                        e = header_uint((*off)[1], where, "data offset");
+    KMOE_CHECK_INPUT(r.offsets.size() == 2, where, ": data_offsets must be [begin, end], got ", r.offsets.size(),
+                     " numbers");
+    const std::uint64_t b = r.offsets[0], e = r.offsets[1];
     KMOE_CHECK_INPUT(b <= e, where, ": data_offsets [", b, ", ", e, "] end before they begin");
     KMOE_CHECK_INPUT(e - b == *nbytes, where, ": shape ", t.shape_string(), " of ", dtype_name(t.dtype), " needs ",
                      *nbytes, " bytes but data_offsets [", b, ", ", e, "] hold ", e - b);
@@ -235,33 +431,39 @@ void parse(SafetensorsFile::Impl& f) {
                      data_size, " bytes): file cut short?");
     t.nbytes = static_cast<std::size_t>(*nbytes);
     t.data = f.bytes + 8 + n + b;
-    entries.push_back({b, e, tensors.size()});
     tensors.push_back(std::move(t));
-  }
+  };
+  HeaderSax sax(file, on_entry, f.index, f.metadata_entries, f.has_metadata);
+  detail::json::sax_parse(h, h + n, &sax);
+  KMOE_CHECK_INPUT(sax.done(), file, ": header is not a JSON object");
+  for (const auto& [k, v] : f.metadata_entries) f.metadata[k] = v;
+
   // The data must be covered exactly once, as the Rust library demands: sorted by offsets, each tensor starts where
-  // the previous one ended, and the last ends at the end of the file.
-  std::sort(entries.begin(), entries.end(),
-            [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
+  // the previous one ended, and the last ends at the end of the file. The views are sorted in place (a tensor's
+  // offsets are its data pointer and size), so no second list of the tensors is held.
+  const std::byte* const base = f.bytes + 8 + n;
+  const auto begin_of = [&](const TensorView& t) { return static_cast<std::uint64_t>(t.data - base); };
+  std::sort(tensors.begin(), tensors.end(), [](const TensorView& a, const TensorView& b) {
+    return a.data != b.data ? a.data < b.data : a.nbytes < b.nbytes;
+  });
   std::uint64_t pos = 0;
-  for (std::size_t i = 0; i < entries.size(); ++i) {
-    const auto& en = entries[i];
-    const std::string& name = tensors[en.tensor].name;
-    if (en.begin < pos) {
-      throw InputError(detail::concat(file, ": tensor '", name, "' data_offsets [", en.begin, ", ", en.end,
-                                      "] overlap tensor '", tensors[entries[i - 1].tensor].name, "' (ends at ",
-                                      pos, ")"));
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const TensorView& t = tensors[i];
+    const std::uint64_t b = begin_of(t), e = b + t.nbytes;
+    if (b < pos) {
+      throw InputError(detail::concat(file, ": tensor '", kmoe::detail::printable(t.name), "' data_offsets [", b,
+                                      ", ", e, "] overlap tensor '", kmoe::detail::printable(tensors[i - 1].name),
+                                      "' (ends at ", pos, ")"));
     }
-    KMOE_CHECK_INPUT(en.begin == pos, file, ": hole of ", en.begin - pos, " bytes in the data before tensor '",
-                     name, "' (data_offsets [", en.begin, ", ", en.end, "], previous tensor ends at ", pos, ")");
-    pos = en.end;
+    KMOE_CHECK_INPUT(b == pos, file, ": hole of ", b - pos, " bytes in the data before tensor '",
+                     kmoe::detail::printable(t.name), "' (data_offsets [", b, ", ", e, "], previous tensor ends at ",
+                     pos, ")");
+    pos = e;
   }
   KMOE_CHECK_INPUT(pos == data_size, file, ": ", data_size - pos, " trailing bytes after the last tensor (data is ",
                    data_size, " bytes, tensors cover ", pos, ")");
-  f.tensors.reserve(tensors.size());
-  for (const auto& en : entries) {
-    f.index[tensors[en.tensor].name] = f.tensors.size();
-    f.tensors.push_back(std::move(tensors[en.tensor]));
-  }
+  for (std::size_t i = 0; i < tensors.size(); ++i) f.index.find(tensors[i].name)->second = i;
+  f.tensors = std::move(tensors);
   for (auto& t : f.tensors) t.owner = f.owner;
 }
 
@@ -276,16 +478,14 @@ std::int64_t TensorView::numel() const {
 }
 
 namespace {
-std::string shape_text(const std::vector<std::int64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
+std::string shape_text(const std::vector<std::int64_t>& shape) { return kmoe::detail::dims_text(shape); }
 }  // namespace
 
 std::string TensorView::shape_string() const { return shape_text(shape); }
 
-std::string TensorView::where() const { return detail::concat(file, ": tensor '", name, "'"); }
+std::string TensorView::where() const {
+  return detail::concat(file, ": tensor '", kmoe::detail::printable(name), "'");
+}
 
 // ---- SafetensorsFile ------------------------------------------------------------------------------------------
 
@@ -350,9 +550,12 @@ std::size_t TensorToWrite::expected_nbytes() const {
                      shape_text(shape), " overflows");
     numel *= d;
   }
+  KMOE_CHECK_INPUT(static_cast<std::uint64_t>(numel) <= std::numeric_limits<std::uint64_t>::max() / dtype_bits(dtype),
+                   "tensor '", kmoe::detail::printable(name), "': shape ", shape_text(shape), " of ", dtype_name(dtype),
+                   " overflows (", numel, " elements x ", dtype_bits(dtype), " bits is more than 2^64 bits)");
   const auto nb = dtype_nbytes(dtype, numel);
-  KMOE_CHECK_INPUT(nb.has_value(), "tensor '", name, "': shape ", shape_text(shape), " of ", dtype_name(dtype),
-                   " is not a whole number of bytes");
+  KMOE_CHECK_INPUT(nb.has_value(), "tensor '", kmoe::detail::printable(name), "': shape ", shape_text(shape), " of ",
+                   dtype_name(dtype), " is not a whole number of bytes");
   return static_cast<std::size_t>(*nb);
 }
 

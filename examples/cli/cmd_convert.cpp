@@ -73,7 +73,8 @@ int run(int argc, char** argv, const std::vector<std::string>& rest) {
 #if KMOE_ENABLE_HDF5
   Runtime runtime(argc, argv);  // the MoE layers are re-assembled in Kokkos host Views
   const auto checkpoint = io::Hdf5Checkpoint::open(p[0]);
-  io::convert_to_hf(checkpoint, p[1], p.size() > 2 ? std::filesystem::path(p[2]) : std::filesystem::path());
+  io::convert_to_hf(checkpoint, p[1], p.size() > 2 ? std::filesystem::path(p[2]) : std::filesystem::path(),
+                    /*replace_existing=*/args.flag("force"));
   std::cout << "kmoe convert: wrote " << p[1] << " from " << p[0] << " (step " << checkpoint.step() << ", saved by "
             << checkpoint.saved_world_size() << " rank" << (checkpoint.saved_world_size() == 1 ? "" : "s") << ")\n";
   return 0;

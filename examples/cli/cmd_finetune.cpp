@@ -393,7 +393,7 @@ class Trainer {
     bar.finish();
     if (s_.convert) {
       if (root) {
-        io::convert_to_hf(io::Hdf5Checkpoint::open(last), s_.run_dir / "hf", s_.hf_dir);
+        io::convert_to_hf(io::Hdf5Checkpoint::open(last), s_.run_dir / "hf", s_.hf_dir, /*replace_existing=*/true);
         std::cout << "kmoe finetune: converted " << last.string() << " into " << (s_.run_dir / "hf").string() << "\n";
       }
       world_.barrier();

@@ -1,6 +1,9 @@
 // libFuzzer target: the safetensors header parser and validator on arbitrary bytes. Properties: it never crashes,
-// hangs or over-allocates (ASan/UBSan watch), every rejection is a one-line kmoe::InputError, and every accepted
-// file re-serialises (with kmoe's writer) into a file that parses to the same tensors.
+// hangs or over-allocates (ASan/UBSan watch), every rejection is a one-line kmoe::InputError of bounded length with
+// no control character in it (names from the file are escaped), every accepted name is free of NUL, and every
+// accepted file re-serialises (with kmoe's writer) into a file that parses to the same tensors. The seeds
+// (fuzz_seeds/) and the dictionary (fuzz_safetensors_header.dict) carry escaped names, deep nesting, duplicate
+// fields and overflowing shapes.
 #include <kmoe/io/safetensors_file.hpp>
 
 #include <cstdint>
@@ -29,9 +32,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     f = SafetensorsFile::from_bytes(copy(data, size), "fuzz.safetensors");
   } catch (const kmoe::InputError& e) {
-    check(std::strchr(e.what(), '\n') == nullptr);  // one line
+    const std::size_t n = std::strlen(e.what());
+    check(n <= kmoe::detail::kMaxMessageBytes + 64);  // bounded
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto c = static_cast<unsigned char>(e.what()[i]);
+      check(c >= 0x20 && c != 0x7F);  // one printable line
+    }
     return 0;
   }
+  for (const auto& t : f.tensors()) check(t.name.find('\0') == std::string::npos);
   // Accepted: write it back in memory and parse again.
   std::vector<TensorToWrite> ts;
   for (const auto& t : f.tensors()) ts.push_back(TensorToWrite::borrow(t));

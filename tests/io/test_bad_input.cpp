@@ -34,7 +34,7 @@ std::vector<Case> cases() {
       {"short", "abc", {"too short"}},
       {"size_past_eof", le64(1000) + "{}", {"header size 1000", "past the end"}},
       {"size_absurd", le64(std::uint64_t(1) << 62) + "{}      ", {"absurd"}},
-      {"not_json", make_safetensors("{\"w\": [1, 2", ""), {"not valid JSON"}},
+      {"not_json", make_safetensors("{\"w\": {\"dtype\": \"F32\", ", ""), {"not valid JSON"}},
       {"not_utf8", make_safetensors("{\"w\xff\xfe\":{}}", ""), {"not UTF-8"}},
       {"not_object", make_safetensors("[1,2]", ""), {"does not start with '{'"}},
       {"unknown_dtype", make_safetensors(R"({"w":{"dtype":"F128","shape":[2],"data_offsets":[0,32]}})", std::string(32, 'x')),

@@ -1,7 +1,9 @@
 // Sharded HDF5 checkpoints (io/hdf5_checkpoint.hpp): round trip, re-slicing on load, atomic saves under SIGKILL,
 // and clear errors for a missing, corrupt or truncated shard.
 #include <gtest/gtest.h>
+#include <hdf5.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -73,7 +75,7 @@ TEST(Hdf5Checkpoint, BadPiecesAreRejectedAtSave) {
   c.tensors[0].row_end = kE + 1;
   EXPECT_THROW(kmoe::io::save_hdf5_checkpoint(tmp.path() / "b", c), InputError);
   c = contents_for(s, 0, 0, 1);
-  c.tensors[0].name = "a/b";
+  c.tensors[0].name = std::string("a\0b", 3);  // any other name is stored (AnyTensorNameIsStored)
   EXPECT_THROW(kmoe::io::save_hdf5_checkpoint(tmp.path() / "c", c), InputError);
   EXPECT_FALSE(fs::exists(tmp.path() / "a"));
   EXPECT_EQ(kmoe::io::latest_checkpoint(tmp.path()), fs::path());
@@ -278,6 +280,145 @@ TEST(Hdf5Checkpoint, KilledAtRandomMomentsLeavesPreviousCheckpoint) {
     expect_contents(ck, ck.step(), 2);
     if (latest == run / "checkpoint-2") EXPECT_EQ(ck.read("big").size(), big.size() * 4);
     fs::remove_all(run / "checkpoint-2");
+  }
+}
+
+// ---- damaged, mixed and hostile checkpoints ------------------------------------------------------------------
+
+std::string read_all(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+void write_all(const fs::path& p, const std::string& bytes) {
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+// Every byte of what the manifest stores as data (file names, dtypes, metadata, the verbatim config text, attribute
+// values) is covered: flipping one never opens as a valid checkpoint.
+TEST(Hdf5Checkpoint, AnyFlippedByteOfTheManifestIsCaught) {
+  kmoe::test::ScratchDir tmp("hdf5-manifest-flip");
+  const fs::path dir = tmp.path() / "checkpoint-1";
+  save_one_process(dir, 1);
+  const fs::path manifest = dir / "manifest.h5";
+  const std::string good = read_all(manifest);
+  int flips = 0;
+  for (const std::string needle : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                   "model.layers.0.experts.w", "\"a\": 1", "BF16", "format", "adamw", "0.001",
+                                   "TestForCausalLM", "rank-00000-of-00001.h5"}) {
+    const auto at = good.find(needle);
+    ASSERT_NE(at, std::string::npos) << needle;
+    for (std::size_t i = 0; i < needle.size(); ++i) {
+      std::string bad = good;
+      bad[at + i] = static_cast<char>(bad[at + i] ^ 0x01);
+      write_all(manifest, bad);
+      ++flips;
+      const std::string msg = error_of([&] { Hdf5Checkpoint::open(dir); });
+      EXPECT_NE(msg, "(no error)") << "flip of byte " << i << " of '" << needle << "' went unnoticed";
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+  }
+  EXPECT_GT(flips, 100);
+  write_all(manifest, good);
+  expect_contents(Hdf5Checkpoint::open(dir), 1, 1);
+}
+
+// A rank file of another run with the same step and world size (same size, same tensor names): refused.
+TEST(Hdf5Checkpoint, RankFileOfAnotherSaveIsRefused) {
+  kmoe::test::ScratchDir tmp("hdf5-mixed");
+  save_one_process(tmp.path() / "a" / "checkpoint-1", 1);
+  const Saved other = make_data(5);
+  kmoe::io::save_hdf5_checkpoint(tmp.path() / "b" / "checkpoint-1", contents_for(other, 1, 0, 1));
+  const fs::path mine = tmp.path() / "a" / "checkpoint-1" / "rank-00000-of-00001.h5";
+  const fs::path theirs = tmp.path() / "b" / "checkpoint-1" / "rank-00000-of-00001.h5";
+  ASSERT_EQ(fs::file_size(mine), fs::file_size(theirs));
+  fs::copy_file(theirs, mine, fs::copy_options::overwrite_existing);
+  const std::string msg = error_of([&] { Hdf5Checkpoint::open(tmp.path() / "a" / "checkpoint-1"); });
+  EXPECT_NE(msg.find("rank-00000-of-00001.h5: saved by another save than the manifest's"), std::string::npos) << msg;
+}
+
+// A manifest whose dataset declares 2^34 elements (18 KB of file): refused before anything is allocated.
+TEST(Hdf5Checkpoint, HugeDeclaredDatasetIsRefusedBeforeAllocating) {
+  kmoe::test::ScratchDir tmp("hdf5-huge");
+  const fs::path dir = tmp.path() / "checkpoint-1";
+  save_one_process(dir, 1);
+  {
+    const hid_t f = H5Fopen((dir / "manifest.h5").c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    ASSERT_GE(H5Ldelete(f, "rank_file_sizes", H5P_DEFAULT), 0);
+    const hsize_t n = hsize_t(1) << 34;
+    const hid_t space = H5Screate_simple(1, &n, nullptr);
+    const hid_t d = H5Dcreate2(f, "rank_file_sizes", H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    ASSERT_GE(d, 0);
+    H5Dclose(d);
+    H5Sclose(space);
+    H5Fclose(f);
+  }
+  ASSERT_LT(fs::file_size(dir / "manifest.h5"), std::uintmax_t(1) << 20);
+  const std::string msg = error_of([&] { Hdf5Checkpoint::open(dir); });
+  EXPECT_NE(msg.find("rank_file_sizes: declares 17179869184 elements"), std::string::npos) << msg;
+}
+
+// Tensor names HDF5 cannot hold as they are ('/', '%', ".") are stored and read back unchanged.
+TEST(Hdf5Checkpoint, AnyTensorNameIsStored) {
+  kmoe::test::ScratchDir tmp("hdf5-names");
+  const fs::path dir = tmp.path() / "checkpoint-1";
+  const Saved s = make_data(1);
+  auto c = contents_for(s, 1, 0, 1);
+  const std::vector<std::string> names = {"params/dense/kernel", "100%", "%2F", ".", "a\nb"};
+  for (const auto& n : names) c.tensors.push_back({n, DType::I64, {3}, 0, 3, s.counters.data()});
+  kmoe::io::save_hdf5_checkpoint(dir, c);
+  const auto ck = Hdf5Checkpoint::open(dir);
+  for (const auto& n : names) {
+    ASSERT_TRUE(ck.has(n)) << n;
+    const auto bytes = ck.read(n);
+    ASSERT_EQ(bytes.size(), 24u);
+    EXPECT_EQ(std::memcmp(bytes.data(), s.counters.data(), 24), 0) << n;
+  }
+  expect_contents(ck, 1, 1);
+}
+
+// The disk filling up during a save (a file size limit here): every rank file and manifest stage fails with a
+// one-line InputError, the previous checkpoint stays, no HDF5 id is left open, and the process exits normally
+// (HDF5 1.10 crashes in its exit handler, or at MPI_Finalize, once a write has failed inside H5Fclose).
+TEST(Hdf5Checkpoint, FullDiskSaveFailsCleanly) {
+  kmoe::test::ScratchDir tmp("hdf5-full");
+  const fs::path run = tmp.path();
+  save_one_process(run / "checkpoint-1", 1);
+  const auto rank_size = fs::file_size(run / "checkpoint-1" / "rank-00000-of-00001.h5");
+  const auto manifest_size = fs::file_size(run / "checkpoint-1" / "manifest.h5");
+  std::vector<std::uintmax_t> limits;
+  for (std::uintmax_t limit = 512; limit < 2 * std::max(rank_size, manifest_size); limit += 1024) limits.push_back(limit);
+  for (std::uintmax_t limit = 64 << 10; limit <= 4 << 20; limit *= 2) limits.push_back(limit);
+  for (const std::uintmax_t limit : limits) {
+    SCOPED_TRACE("file size limit " + std::to_string(limit));
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      ::signal(SIGXFSZ, SIG_IGN);  // a write past the limit fails with EFBIG, as ENOSPC would
+      const rlimit rl{limit, limit};
+      ::setrlimit(RLIMIT_FSIZE, &rl);
+      int code = 0;
+      try {
+        save_one_process(run / "checkpoint-1", 7);
+        code = 2;  // fit under the limit: nothing to check
+      } catch (const InputError& e) {
+        code = std::strchr(e.what(), '\n') ? 3 : 0;
+      } catch (...) {
+        code = 4;
+      }
+      if (code == 0 && H5Fget_obj_count(H5F_OBJ_ALL, H5F_OBJ_ALL) != 0) code = 5;
+      std::exit(code);  // runs HDF5's exit handler
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+    EXPECT_TRUE(WEXITSTATUS(status) == 0 || WEXITSTATUS(status) == 2)
+        << "exit " << WEXITSTATUS(status) << " (3: not one line, 4: not an InputError, 5: HDF5 ids left open)";
+    expect_contents(Hdf5Checkpoint::open(run / "checkpoint-1"), WEXITSTATUS(status) == 2 ? 7 : 1, 1);
+    if (WEXITSTATUS(status) == 2) save_one_process(run / "checkpoint-1", 1);
+    if (limit == limits.back()) EXPECT_EQ(WEXITSTATUS(status), 2) << "a 4 MiB limit should fit this small save";
   }
 }
 

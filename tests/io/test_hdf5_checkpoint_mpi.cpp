@@ -48,7 +48,7 @@ TEST(Hdf5CheckpointMpi, FailureOnOneRankCommitsNothing) {
   const auto group = kmoe::io::world_rank_group();
   const Saved s = make_data(5);
   auto c = contents_for(s, 5, group.rank, group.size);
-  if (group.rank == group.size - 1) c.tensors[0].name = "bad/name";  // the last rank cannot write its file
+  if (group.rank == group.size - 1) c.tensors[0].name = std::string("bad\0name", 8);  // the last rank cannot save it
   EXPECT_THROW(kmoe::io::save_hdf5_checkpoint(run / "checkpoint-5", c, group), kmoe::InputError);
   EXPECT_FALSE(fs::exists(run / "checkpoint-5"));
   MPI_Barrier(MPI_COMM_WORLD);

@@ -62,8 +62,8 @@ TEST(Hdf5Convert, UnchangedWeightsReproduceEveryFileByteForByte) {
     // Without the original directory: the config files recorded in the checkpoint.
     kmoe::io::convert_to_hf(ck, tmp.path() / "hf2");
     kmoe::test::expect_same_files(src, tmp.path() / "hf2");
-    // Converting again over an existing directory replaces it atomically.
-    kmoe::io::convert_to_hf(ck, tmp.path() / "hf", src);
+    // Converting again over the output of a previous conversion replaces it atomically, when asked to.
+    kmoe::io::convert_to_hf(ck, tmp.path() / "hf", src, /*replace_existing=*/true);
     kmoe::test::expect_same_files(src, tmp.path() / "hf");
   }
 }
@@ -187,6 +187,165 @@ TEST(Hdf5Convert, WrongOriginalIsASpecMismatch) {
     }
   }
   EXPECT_FALSE(fs::exists(tmp.path() / "hf"));
+}
+
+// ---- hostile checkpoints and output directories ---------------------------------------------------------------
+
+fs::path granite_src() { return kmoe::test::testdata_dir() / "granitemoe-tiny" / "hf_save_pretrained"; }
+
+// Saves granitemoe-tiny with `edit` applied to the source plan the manifest records.
+void save_with_plan(const fs::path& dir, const std::function<void(kmoe::io::SourcePlan&)>& edit) {
+  const auto hf = HfCheckpoint::open(granite_src());
+  const auto& spec = kmoe::io::spec_for(hf.config().architecture);
+  kmoe::io::CheckpointContents c;
+  c.architecture = spec.architecture;
+  c.expert_ranges = {{0, hf.config().num_experts}};
+  c.source = kmoe::io::source_plan_of(hf);
+  edit(c.source);
+  for (int layer : kmoe::io::find_moe_layers(hf, spec))
+    kmoe::io::add_moe_layer(c, layer, kmoe::io::load_moe_layer<float>(hf, layer), 0, true);
+  kmoe::io::add_non_moe_tensors(c, hf, spec);
+  kmoe::io::save_hdf5_checkpoint(dir, c);
+}
+
+void copy_files(const fs::path& from, const fs::path& to) {
+  fs::create_directories(to);
+  for (const auto& e : fs::directory_iterator(from)) {
+    fs::copy_file(e.path(), to / e.path().filename(), fs::copy_options::overwrite_existing);
+    fs::permissions(to / e.path().filename(), fs::perms::owner_write, fs::perm_options::add);
+  }
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const kmoe::InputError& e) {
+    return e.what();
+  } catch (const kmoe::UsageError& e) {
+    return std::string("usage: ") + e.what();
+  }
+  return "(no error)";
+}
+
+/// Every file under `root` whose name contains `part`.
+std::vector<fs::path> files_named(const fs::path& root, const std::string& part) {
+  std::vector<fs::path> out;
+  for (const auto& e : fs::recursive_directory_iterator(root))
+    if (e.path().filename().string().find(part) != std::string::npos) out.push_back(e.path());
+  return out;
+}
+
+TEST(Hdf5Convert, NamesFromTheManifestNeverEscapeTheOutput) {
+  kmoe::test::ScratchDir tmp("hdf5-convert-names");
+  const std::vector<std::string> names = {"../escaped-1.safetensors", "../../escaped-2.safetensors",
+                                          (tmp.path() / "escaped-3.safetensors").string(), "sub/escaped-4.safetensors",
+                                          "escaped\n5.safetensors", "..", ""};
+  int i = 0;
+  for (const auto& name : names) {
+    SCOPED_TRACE(name);
+    const fs::path run = tmp.path() / ("run-" + std::to_string(i++)) / "a";
+    save_with_plan(run / "checkpoint-0", [&](kmoe::io::SourcePlan& plan) {
+      const std::string old = plan.files[0].name;
+      plan.files[0].name = name;
+      for (auto& t : plan.tensors)
+        if (t.file == old) t.file = name;
+    });
+    const auto ck = Hdf5Checkpoint::open(run / "checkpoint-0");
+    const std::string msg = error_of([&] { kmoe::io::convert_to_hf(ck, run / "out" / "hf"); });
+    EXPECT_NE(msg.find("is not a plain file name"), std::string::npos) << msg;
+    EXPECT_FALSE(fs::exists(run / "out" / "hf"));
+  }
+  EXPECT_TRUE(files_named(tmp.path(), "escaped").empty());
+  // A text file the manifest records under a name a conversion does not write.
+  const fs::path run = tmp.path() / "run-text";
+  save_with_plan(run / "checkpoint-0", [](kmoe::io::SourcePlan& plan) { plan.text_files["evil.sh"] = "rm -rf ~"; });
+  const std::string msg =
+      error_of([&] { kmoe::io::convert_to_hf(Hdf5Checkpoint::open(run / "checkpoint-0"), run / "hf"); });
+  EXPECT_NE(msg.find("records a text file 'evil.sh'"), std::string::npos) << msg;
+  EXPECT_TRUE(files_named(tmp.path(), "evil").empty());
+}
+
+TEST(Hdf5Convert, OutputThatWouldDestroySomethingIsRefused) {
+  kmoe::test::ScratchDir tmp("hdf5-convert-out");
+  const fs::path run = tmp.path() / "run", ckdir = run / "checkpoint-0", original = tmp.path() / "original";
+  copy_files(granite_src(), original);
+  save_model(HfCheckpoint::open(original), ckdir);
+  const auto ck = Hdf5Checkpoint::open(ckdir);
+  const fs::path file = tmp.path() / "notes.txt";
+  std::ofstream(file) << "keep me";
+  fs::create_directory_symlink(ckdir, tmp.path() / "link-to-checkpoint");
+  fs::create_directory_symlink(tmp.path() / "elsewhere", tmp.path() / "dangling-link");
+  fs::create_directory_symlink(tmp.path() / "loop-b", tmp.path() / "loop-a");
+  fs::create_directory_symlink(tmp.path() / "loop-a", tmp.path() / "loop-b");
+  struct Case {
+    fs::path out;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {ckdir, "is the checkpoint directory"},
+      {ckdir / "hf", "lies inside the checkpoint directory"},
+      {run, "contains the checkpoint directory"},
+      {tmp.path(), "contains the checkpoint directory"},
+      {original, "is the original Hugging Face directory"},
+      {original / "hf", "lies inside the original Hugging Face directory"},
+      {tmp.path() / "link-to-checkpoint", "is the checkpoint directory"},
+      {tmp.path() / "dangling-link", "is a symbolic link"},
+      {file, "exists and is not a directory"},
+      {tmp.path() / "loop-a" / "hf", "cannot resolve the path"},
+      {fs::path(), "usage: convert: the output directory is an empty path"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.out.string());
+    const std::string msg = error_of([&] { kmoe::io::convert_to_hf(ck, c.out, original, /*replace_existing=*/true); });
+    EXPECT_NE(msg.find(c.message), std::string::npos) << msg;
+  }
+  // Nothing was touched: the checkpoint and the original still open, the file keeps its bytes.
+  EXPECT_NO_THROW(Hdf5Checkpoint::open(ckdir));
+  EXPECT_NO_THROW(HfCheckpoint::open(original));
+  EXPECT_EQ(kmoe::test::read_file_bytes(file), "keep me");
+  EXPECT_FALSE(fs::exists(tmp.path() / "elsewhere"));
+
+  // An existing output directory: replaced only when asked, and only when it holds what a conversion writes.
+  const fs::path out = tmp.path() / "hf";
+  kmoe::io::convert_to_hf(ck, out, original);
+  std::string msg = error_of([&] { kmoe::io::convert_to_hf(ck, out, original); });
+  EXPECT_NE(msg.find("exists: remove it, or ask to replace a previous conversion (kmoe convert --force)"),
+            std::string::npos) << msg;
+  kmoe::io::convert_to_hf(ck, out, original, /*replace_existing=*/true);
+  kmoe::test::expect_same_files(granite_src(), out);
+  std::ofstream(out / "README.md") << "my notes";
+  msg = error_of([&] { kmoe::io::convert_to_hf(ck, out, original, /*replace_existing=*/true); });
+  EXPECT_NE(msg.find("holds README.md, which a conversion does not write"), std::string::npos) << msg;
+  EXPECT_EQ(kmoe::test::read_file_bytes(out / "README.md"), "my notes");
+}
+
+TEST(Hdf5Convert, OriginalConfigThatContradictsTheTensorsIsRefused) {
+  kmoe::test::ScratchDir tmp("hdf5-convert-config");
+  const fs::path original = tmp.path() / "original";
+  copy_files(granite_src(), original);
+  save_model(HfCheckpoint::open(original), tmp.path() / "checkpoint-0");
+  const auto ck = Hdf5Checkpoint::open(tmp.path() / "checkpoint-0");
+  const std::string config = kmoe::test::read_file_bytes(original / "config.json");
+  struct Case {
+    std::string from, to, message;
+  };
+  const std::vector<Case> cases = {
+      {"\"num_local_experts\": 6", "\"num_local_experts\": 5", "contradicts the checkpoint"},
+      {"\"intermediate_size\": 48", "\"intermediate_size\": 24", "contradicts the checkpoint"},
+      {"\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1", "num_hidden_layers = 1 contradicts the checkpoint"},
+      {"\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\"", "hidden_act 'gelu' is not supported"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.to);
+    std::string edited = config;
+    const auto at = edited.find(c.from);
+    ASSERT_NE(at, std::string::npos);
+    std::ofstream(original / "config.json", std::ios::trunc) << edited.replace(at, c.from.size(), c.to);
+    const std::string msg = error_of([&] { kmoe::io::convert_to_hf(ck, tmp.path() / "hf", original); });
+    EXPECT_NE(msg.find(c.message), std::string::npos) << msg;
+    EXPECT_NE(msg.find("config.json"), std::string::npos) << msg;
+    EXPECT_FALSE(fs::exists(tmp.path() / "hf"));
+  }
 }
 
 }  // namespace

@@ -41,6 +41,9 @@ struct ModelConfig {
 /// An architecture with no ModelSpec still reads (with the default key names), so `kmoe inspect` can show it.
 ModelConfig read_model_config(const std::filesystem::path& config_json);
 
+/// As read_model_config, from the text of a config.json; `config_json` names it in messages.
+ModelConfig parse_model_config(const std::string& text, const std::filesystem::path& config_json);
+
 /// Where one tensor of a checkpoint lives.
 struct ShardEntry {
   std::string tensor;  ///< tensor name

@@ -217,10 +217,18 @@ void check_same_model(const Hdf5Checkpoint& checkpoint, const HfCheckpoint& hf);
 /// and file names (MoE tensors re-assembled from kmoe's layout through the spec: per-expert for Mixtral, fused for
 /// Granite, the shared expert), model.safetensors.index.json, config.json and generation_config.json. With unchanged
 /// weights every file is byte-identical to the source. `out_dir` is built beside itself and renamed into place
-/// (atomic; an existing directory is replaced). Progress shows on a terminal.
-/// \param original_dir [in] the source Hugging Face directory: checked with check_same_model, its config.json and
-///                           generation_config.json are copied; empty = use the copies recorded in the checkpoint
+/// (atomic). Nothing is written outside `out_dir` and its temporary sibling: every file name taken from the
+/// checkpoint must be a plain file name. Progress shows on a terminal.
+/// \param original_dir     [in] the source Hugging Face directory: checked with check_same_model, its config.json and
+///                              generation_config.json are copied; empty = use the copies recorded in the checkpoint.
+///                              The config.json written must agree with the tensors (architecture, expert count,
+///                              sizes, layer count, a supported hidden_act).
+/// \param replace_existing [in] whether an existing `out_dir` may be replaced; it must then hold only what a
+///                              conversion writes (config/index json, *.safetensors). Without it an existing
+///                              `out_dir` is an error.
+/// \throws InputError when `out_dir` is, holds or lies inside the checkpoint or `original_dir`, exists and is not a
+///         directory (or a symbolic link), or exists without `replace_existing`; UsageError for an empty `out_dir`
 void convert_to_hf(const Hdf5Checkpoint& checkpoint, const std::filesystem::path& out_dir,
-                   const std::filesystem::path& original_dir = {});
+                   const std::filesystem::path& original_dir = {}, bool replace_existing = false);
 
 }  // namespace kmoe::io

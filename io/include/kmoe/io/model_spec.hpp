@@ -77,6 +77,9 @@ struct ModelSpec {
   /// When set (DeepSeek-V3: "n_shared_experts"), S = expert width * this count and a count of 0 means no shared
   /// expert.
   std::string shared_count_key;
+  /// config.json `hidden_act` values kmoe computes for this architecture: its expert MLP is SwiGLU, i.e. SiLU
+  /// ("swish" is transformers' other name for it). Any other activation is refused by name, never run as SiLU.
+  std::vector<std::string> hidden_acts = {"silu", "swish"};
 
   /// The family's routing; the keys below, when set and present in config.json, override its fields.
   core::RoutingOptions routing;
@@ -127,6 +130,9 @@ struct ExpectedTensor {
   std::string name;
   std::vector<std::int64_t> shape;
 };
+
+/// Throws kmoe::InputError naming `where` and the activation unless spec.hidden_acts holds config.hidden_act.
+void check_hidden_act(const ModelSpec& spec, const ModelConfig& config, const std::string& where);
 
 /// The checkpoint tensors of MoE layer `layer` (in the spec's order: router, its biases, experts, shared expert),
 /// with shapes.
