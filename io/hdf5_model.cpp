@@ -341,8 +341,8 @@ void check_config_matches(const Hdf5Checkpoint& ck, const ModelSpec& spec, const
                      " contradicts the checkpoint, which has MoE layer ", layer);
     for (const auto& e : moe_layer_tensors(spec, cfg, layer)) {
       const auto it = source.find(e.name);
-      KMOE_CHECK_INPUT(it != source.end() && it->second->shape == e.shape, where, ": ", spec.num_experts_key, " = ",
-                       cfg.num_experts, ", hidden_size = ", cfg.hidden_size, ", ", spec.intermediate_key, " = ",
+      KMOE_CHECK_INPUT(it != source.end() && it->second->shape == e.shape, where, ": ", spec.num_experts_keys.front(), " = ",
+                       cfg.num_experts, ", hidden_size = ", cfg.hidden_size, ", ", spec.intermediate_keys.front(), " = ",
                        cfg.intermediate_size, " imply tensor ", e.name, " ", shape_text(e.shape),
                        ", which contradicts the checkpoint (",
                        it == source.end() ? std::string("no such tensor") : "it is " + shape_text(it->second->shape),
