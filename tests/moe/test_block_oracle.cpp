@@ -207,16 +207,25 @@ std::string block_args(const std::string& set, int layer, const fs::path& out, c
 
 TEST(BlockCommand, WritesTheReferenceNamesAndShapes) {
   test::ScratchDir dir("block_cmd");
+  const std::vector<std::string> common = {"router_logits", "topk_weight", "y",       "dx",
+                                           "grad.gate",     "grad.w1",     "grad.w3", "grad.w2"};
+  const std::vector<std::pair<std::string, std::vector<std::string>>> sets = {
+      {"granitemoeshared-tiny", {"grad.shared_w1", "grad.shared_w3", "grad.shared_w2"}},
+      {"gpt_oss-tiny", {"grad.router_bias", "grad.w1_bias", "grad.w3_bias", "grad.w2_bias"}},
+      {"qwen2_moe-tiny", {"grad.shared_w1", "grad.shared_w3", "grad.shared_w2", "grad.shared_gate"}}};
+  for (const auto& [set, extras] : sets)
   for (const std::string extra : {"", "--impl padded --precision f32 --backend serial"}) {
-    const std::string set = "granitemoeshared-tiny";
+    SCOPED_TRACE(set + " " + extra);
     const fs::path out = dir.path() / "out.safetensors";
     auto r = test::run_kmoe(block_args(set, 1, out, extra));
     ASSERT_EQ(r.exit_code, 0) << r.err;
     const Oracle o(set);
     auto got = io::SafetensorsFile::open(out);
     const double tol = extra.empty() ? 1e-10 : 1e-5;
-    for (const std::string name : {"router_logits", "topk_weight", "y", "dx", "grad.gate", "grad.w1", "grad.w3",
-                                   "grad.w2", "grad.shared_w1", "grad.shared_w3", "grad.shared_w2"}) {
+    std::vector<std::string> names = common;
+    names.insert(names.end(), extras.begin(), extras.end());
+    EXPECT_EQ(got.names().size(), names.size() + 1) << "the names above and topk_idx, nothing else";
+    for (const std::string& name : names) {
       const auto& t = got.tensor("layers.1." + name);
       EXPECT_EQ(t.dtype, io::DType::F64) << name;
       const auto& want_t = o.ref.tensor("layers.1." + name);
