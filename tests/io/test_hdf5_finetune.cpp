@@ -70,21 +70,27 @@ TEST(FinetuneCli, StepsZeroThenConvertReproducesTheCheckpointForOneTwoThreeRanks
 }
 
 // The families with routing and expert variants train: DeepSeek-V3 (sigmoid, selection bias, group-limited top-k,
-// a plain shared expert, a dense first layer) and GPT-OSS (router and expert biases, the clamped SwiGLU), on 1 and 2
-// ranks with the same losses; the loss falls; the converted directory keeps every non-MoE tensor's bytes and the
+// a plain shared expert, a dense first layer) and GPT-OSS (router and expert biases, the clamped SwiGLU), on 1 rank
+// and on 2 then resumed on 3 with the same losses; the loss falls; the converted directory keeps every non-MoE tensor's bytes and the
 // selection bias (not trained) and changes the trained MoE tensors.
-TEST(FinetuneCli, VariantFamiliesTrainTheSameOnOneAndTwoRanks) {
+TEST(FinetuneCli, VariantFamiliesTrainTheSameOnAnyRankCountAndResume) {
   kmoe::test::ScratchDir tmp("finetune-variants");
   for (const std::string set : {"deepseek_v3-tiny", "gpt_oss-tiny"}) {
     SCOPED_TRACE(set);
     const std::string common = "finetune --checkpoint " + hf_dir(set).string() + " --tokens 64 --steps 6 ";
     auto one = mpirun_kmoe(1, common + "--out " + (tmp.path() / (set + "1")).string());
     ASSERT_EQ(one.exit_code, 0) << one.out << one.err;
-    auto two = mpirun_kmoe(2, common + "--no-convert --out " + (tmp.path() / (set + "2")).string());
+    // The same 6 steps as 3 on 2 ranks, then --resume (the optional tensors' AdamW state included) on 3 ranks.
+    const std::string half = "finetune --checkpoint " + hf_dir(set).string() + " --tokens 64 --steps 3 ";
+    auto two = mpirun_kmoe(2, half + "--no-convert --out " + (tmp.path() / (set + "2")).string());
     ASSERT_EQ(two.exit_code, 0) << two.out << two.err;
-    const auto l1 = losses(one.out), l2 = losses(two.out);
+    auto three = mpirun_kmoe(3, common + "--resume --no-convert --out " + (tmp.path() / (set + "2")).string());
+    ASSERT_EQ(three.exit_code, 0) << three.out << three.err;
+    auto l2 = losses(two.out);
+    const auto l1 = losses(one.out), l3 = losses(three.out);
+    l2.insert(l3.begin(), l3.end());
     ASSERT_EQ(l1.size(), 6u) << one.out;
-    ASSERT_EQ(l2.size(), 6u) << two.out;
+    ASSERT_EQ(l2.size(), 6u) << two.out << three.out;
     for (const auto& [step, loss] : l1) EXPECT_NEAR(l2.at(step), loss, 1e-5 * loss) << "step " << step;
     EXPECT_LT(l1.at(6), 0.8 * l1.at(1)) << one.out;
     const auto original = kmoe::io::HfCheckpoint::open(hf_dir(set));

@@ -186,10 +186,10 @@ template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
 struct Routing {
   using views = MoeViews<T, ExecSpace>;
   using value_matrix = typename MoeViews<grad_value_t<T>, ExecSpace>::matrix;
-  value_matrix logits;                       ///< [T,E] router logits x·Gᵀ (what a load-balancing loss needs)
-  value_matrix probs;                        ///< [T,E] softmax of the logits
-  typename views::index_matrix topk_idx;     ///< [T,k] chosen experts, descending probability
-  value_matrix topk_weight;                  ///< [T,k] renormalised weights
+  value_matrix logits;                       ///< [T,E] router logits x·Gᵀ (+ router bias) (what a load-balancing loss needs)
+  value_matrix probs;                        ///< [T,E] the scores: softmax of the logits (sigmoid for DeepSeek-V3)
+  typename views::index_matrix topk_idx;     ///< [T,k] chosen experts, descending choice score
+  value_matrix topk_weight;                  ///< [T,k] the combine weights (renormalised and scaled per the routing)
   core::DispatchPlan<typename views::memory_space> plan;  ///< pairs grouped by (global) expert, padded offsets too
   /// Rows per expert (global experts), on the host.
   const std::vector<std::int64_t>& expert_counts() const { return plan.counts_host; }
@@ -272,7 +272,8 @@ class MoeLayer {
   const std::vector<std::int64_t>& expert_counts() const { return routing_.expert_counts(); }
 
   // ---- stages (expert parallelism calls these with an all-to-all between them) -------------------------------
-  /// (a) Route the local tokens: logits, softmax, top-k, plan (padded offsets with options().block).
+  /// (a) Route the local tokens: logits, scores, top-k, weights (the weights' routing variant), plan (padded offsets
+  /// with options().block).
   Routing<T, ExecSpace> route(const_matrix x) const;
   /// (a') Backward of route: dx += d_logits·G, d_router = d_logitsᵀ·x, d_router_bias = column sums of d_logits
   /// (overwritten; pass an empty View when the router has no bias).
