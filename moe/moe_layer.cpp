@@ -41,8 +41,8 @@ std::string cuda_block_unsupported(const core::RoutingOptions& routing, const co
 }
 
 void throw_cuda_block_unsupported(const std::string& family, const std::string& missing) {
-  throw UsageError("kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>: " + (family.empty() ? std::string("the weights") : family) +
-                   " need(s) " + missing +
+  const std::string who = family.empty() ? std::string("the weights") : family;
+  throw UsageError("kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>: " + who + " need(s) " + missing +
                    ", which the bf16 CUDA block does not run (it runs softmax, top-k, renormalise with SwiGLU experts "
                    "and an ungated shared expert); use the portable layer (MoeLayer<float, Kokkos::Cuda>, or a host "
                    "layer: --precision fp32)");

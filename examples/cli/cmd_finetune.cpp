@@ -295,7 +295,8 @@ moe::MoeWeights<C, Space> compute_copy(const moe::MoeWeights<T, Space>& w) {
                                typename moe::MoeWeights<T, Space>::wide_vector>::value) {
       out.score_bias = w.score_bias;  // the same wide type (float for both fp32 masters and bf16 compute)
     } else {
-      out.score_bias = typename moe::MoeWeights<C, Space>::wide_vector("kmoe::compute::score_bias", w.score_bias.extent(0));
+      using WV = typename moe::MoeWeights<C, Space>::wide_vector;
+      out.score_bias = WV("kmoe::compute::score_bias", w.score_bias.extent(0));
       convert_into<Space>(out.score_bias, w.score_bias);
     }
     out.routing = w.routing;

@@ -71,8 +71,8 @@ TEST(FinetuneCli, StepsZeroThenConvertReproducesTheCheckpointForOneTwoThreeRanks
 
 // The families with routing and expert variants train: DeepSeek-V3 (sigmoid, selection bias, group-limited top-k,
 // a plain shared expert, a dense first layer) and GPT-OSS (router and expert biases, the clamped SwiGLU), on 1 rank
-// and on 2 then resumed on 3 with the same losses; the loss falls; the converted directory keeps every non-MoE tensor's bytes and the
-// selection bias (not trained) and changes the trained MoE tensors.
+// and on 2 then resumed on 3 with the same losses; the loss falls; the converted directory keeps every non-MoE
+// tensor's bytes and the selection bias (not trained) and changes the trained MoE tensors.
 TEST(FinetuneCli, VariantFamiliesTrainTheSameOnAnyRankCountAndResume) {
   kmoe::test::ScratchDir tmp("finetune-variants");
   for (const std::string set : {"deepseek_v3-tiny", "gpt_oss-tiny"}) {
@@ -172,7 +172,8 @@ TEST(FinetuneCli, LossesAgreeAcrossRankCountsFallAndResumeContinuesTheCurve) {
 // is the squared difference between kmoe's MoE block and transformers' one: tiny.
 TEST(FinetuneCli, RecordedDataStartsAtTransformersOutputs) {
   kmoe::test::ScratchDir tmp("finetune-data");
-  for (const char* set : {"mixtral-tiny", "granitemoeshared-tiny", "deepseek_v3-tiny", "gpt_oss-tiny", "qwen2_moe-tiny"}) {
+  for (const char* set :
+       {"mixtral-tiny", "granitemoeshared-tiny", "deepseek_v3-tiny", "gpt_oss-tiny", "qwen2_moe-tiny"}) {
     const fs::path data = kmoe::test::testdata_dir() / set / (std::string(set) + "-ref.safetensors");
     for (int np : {1, 2}) {
       SCOPED_TRACE(std::string(set) + " np " + std::to_string(np));

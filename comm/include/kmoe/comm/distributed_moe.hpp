@@ -26,7 +26,8 @@
 namespace kmoe::comm {
 
 /// The weights one rank holds: the router (and its biases), the shared expert (and its gate) of `full`, and copies
-/// of the experts layout.local_experts() with their biases (first_expert set accordingly). UsageError when `full` does not hold all the placement's experts.
+/// of the experts layout.local_experts() with their biases (first_expert set accordingly). UsageError when `full`
+/// does not hold all the placement's experts.
 template <class T, class ExecSpace>
 moe::MoeWeights<T, ExecSpace> local_slice(const moe::MoeWeights<T, ExecSpace>& full, const ExpertParallel& layout);
 

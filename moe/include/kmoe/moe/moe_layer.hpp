@@ -186,7 +186,7 @@ template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
 struct Routing {
   using views = MoeViews<T, ExecSpace>;
   using value_matrix = typename MoeViews<grad_value_t<T>, ExecSpace>::matrix;
-  value_matrix logits;                       ///< [T,E] router logits x·Gᵀ (+ router bias) (what a load-balancing loss needs)
+  value_matrix logits;                       ///< [T,E] router logits x·Gᵀ (+ router bias), for a load-balancing loss
   value_matrix probs;                        ///< [T,E] the scores: softmax of the logits (sigmoid for DeepSeek-V3)
   typename views::index_matrix topk_idx;     ///< [T,k] chosen experts, descending choice score
   value_matrix topk_weight;                  ///< [T,k] the combine weights (renormalised and scaled per the routing)
@@ -211,7 +211,7 @@ template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
 struct MoeBackward {
   using value_type = grad_value_t<T>;
   typename MoeViews<value_type, ExecSpace>::matrix dx;  ///< [T,H]
-  MoeWeights<value_type, ExecSpace> grads;  ///< router = d gate, w1/w3/w2, shared_*, the optional tensors' (same shapes)
+  MoeWeights<value_type, ExecSpace> grads;  ///< router = d gate, w1/w3/w2, shared_*, optional tensors' (same shapes)
 };
 
 /// Uninitialised gradient tensors (value type G) shaped like `like`'s weights, labelled kmoe::grad::NAME; used by
