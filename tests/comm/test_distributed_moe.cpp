@@ -172,6 +172,37 @@ TEST(DistributedMoe, EveryLayoutMatchesTheSingleProcessLayer) {
   }
 }
 
+// Every optional tensor at once (router bias, expert biases, a gated shared expert) with sigmoid group-limited routing
+// and a selection bias and the clamped SwiGLU: not one family, all the variants' code, including ranks with no token.
+TEST(DistributedMoe, AllVariantsTogetherAndRanksWithoutTokens) {
+  const int n = comm::MpiCommunicator::world()->size();
+  const std::int64_t E = 6, H = 16, F = 12, S = 8;
+  Weights full = random_weights(E, H, F, S, 13);
+  std::mt19937_64 rng(17);
+  full.router_bias = Weights::views::vector("router_bias", E);
+  full.score_bias = Weights::views::vector("score_bias", E);
+  full.w1_bias = Matrix("w1_bias", E, F);
+  full.w3_bias = Matrix("w3_bias", E, F);
+  full.w2_bias = Matrix("w2_bias", E, H);
+  full.shared_gate = Matrix("shared_gate", 1, H);
+  for (const auto& v : {full.w1_bias, full.w3_bias, full.w2_bias, full.shared_gate}) fill(v, rng, 0.5);
+  fill(full.router_bias, rng, 0.3);
+  fill(full.score_bias, rng, 0.3);
+  full.routing.score = core::ScoreFunction::Sigmoid;
+  full.routing.n_group = 3;
+  full.routing.topk_group = 2;
+  full.routing.scaling_factor = 1.5;
+  full.expert.activation = core::Activation::ClampedSwiGLU;
+  full.expert.limit = 0.8;
+  for (std::int64_t tokens : {3, 29}) {
+    Matrix x("x", tokens, H), dy("dy", tokens, H);
+    fill(x, rng, 1.0);
+    fill(dy, rng, 1.0);
+    for (int ep = 1; ep <= n; ++ep)
+      if (n % ep == 0) compare(full, x, dy, ep, 2, "all variants");
+  }
+}
+
 TEST(DistributedMoe, FewTokensLeaveRanksEmpty) { check(3, comm::MpiCommunicator::world()->size(), 0, 2); }
 
 TEST(DistributedMoe, TopOne) { check(23, comm::MpiCommunicator::world()->size(), 0, 1); }
