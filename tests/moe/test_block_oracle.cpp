@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <map>
 #include <filesystem>
+#include <fstream>
 #include <type_traits>
 #include <string>
 #include <vector>
@@ -186,6 +187,28 @@ TEST(BlockOracle, TheBf16CudaBlockRefusesTheVariantsItDoesNotRun) {
     EXPECT_NO_THROW(moe::detail::check_layer_arguments(
         moe::load_weights<bf16, S>(o.checkpoint, o.checkpoint.config().moe_layers.front()), opt))
         << set;
+  }
+}
+
+TEST(BlockOracle, AnotherActivationIsRefused) {
+  // The experts' activation is built on silu: a checkpoint whose config says otherwise is refused by name.
+  test::ScratchDir dir("block_gelu");
+  const fs::path src = test::testdata_dir() / "mixtral-tiny" / "hf_save_pretrained", dst = dir.path() / "ckpt";
+  fs::copy(src, dst);
+  fs::permissions(dst, fs::perms::owner_all, fs::perm_options::add);
+  const fs::path config = dst / "config.json";
+  fs::permissions(config, fs::perms::owner_write, fs::perm_options::add);
+  std::string text = test::read_file_bytes(config);
+  const auto at = text.find("\"silu\"");
+  ASSERT_NE(at, std::string::npos);
+  text.replace(at, 6, "\"gelu\"");
+  std::ofstream(config, std::ios::binary | std::ios::trunc) << text;
+  const auto ckpt = io::HfCheckpoint::open(dst);
+  try {
+    moe::layer_from_checkpoint<double, Kokkos::Serial>(ckpt, 0, moe::MoeOptions{0});
+    ADD_FAILURE() << "gelu was not refused";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("hidden_act \"gelu\""), std::string::npos) << e.what();
   }
 }
 

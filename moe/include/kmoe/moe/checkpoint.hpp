@@ -21,14 +21,18 @@ inline core::ExpertOptions expert_options(const io::ModelSpec& spec, const io::M
 /// InputError naming the checkpoint when its architecture needs a variant that the portable MoeLayer does not run,
 /// so that such a model is refused rather than run with the wrong math. It runs every routing variant of
 /// core::RoutingOptions (with router and selection biases), SwiGLU and the clamped SwiGLU with expert biases, and
-/// plain or sigmoid-gated shared experts: every architecture of io::model_specs() today. What is left to refuse is a
-/// spec whose expert variant this build does not know.
+/// plain or sigmoid-gated shared experts: every architecture of io::model_specs() today. What is left to refuse: a
+/// spec whose expert variant this build does not know, and a config whose hidden_act is not SiLU (the experts'
+/// activation is built on silu; a "gelu" SwiGLU-shaped model would otherwise run with the wrong function).
 inline void check_layer_runs(const io::HfCheckpoint& checkpoint) {
   const auto& c = checkpoint.config();
   const io::ModelSpec& spec = io::spec_for(c.architecture);
   const bool known = spec.expert == io::ExpertVariant::SwiGLU || spec.expert == io::ExpertVariant::ClampedSwiGLU;
   KMOE_CHECK_INPUT(known, checkpoint.dir().string(), ": ", c.architecture, " needs experts ",
                    io::describe(spec.expert, c.swiglu_limit), ", which kmoe's MoE layer does not run");
+  KMOE_CHECK_INPUT(c.hidden_act.empty() || c.hidden_act == "silu" || c.hidden_act == "swish",
+                   checkpoint.dir().string(), ": ", c.architecture, " has hidden_act \"", c.hidden_act,
+                   "\", which kmoe's MoE layer does not run (its experts use silu)");
 }
 
 /// The weights of MoE layer `layer` in kmoe's layout, widened to T (bf16 -> float/double is exact), in ExecSpace's
