@@ -26,6 +26,27 @@ CudaBlockOptions cuda_block_options(const MoeOptions& options) {
   out.cublas_grouped = options.cublas_grouped;
   return out;
 }
+
+std::string cuda_block_unsupported(const core::RoutingOptions& routing, const core::ExpertOptions& expert,
+                                   bool router_bias, bool score_bias, bool expert_biases, bool shared_gate) {
+  std::string needs;
+  auto add = [&](const std::string& what) { needs += (needs.empty() ? "" : "; ") + what; };
+  if (!routing.is_default()) add("routing: " + core::describe(routing));
+  if (router_bias) add("a router bias");
+  if (score_bias) add("a selection bias");
+  if (!expert.is_default()) add("experts: " + core::describe(expert));
+  if (expert_biases) add("expert biases");
+  if (shared_gate) add("a sigmoid-gated shared expert");
+  return needs;
+}
+
+void throw_cuda_block_unsupported(const std::string& family, const std::string& missing) {
+  const std::string who = family.empty() ? std::string("the weights") : family;
+  throw UsageError("kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>: " + who + " need(s) " + missing +
+                   ", which the bf16 CUDA block does not run (it runs softmax, top-k, renormalise with SwiGLU experts "
+                   "and an ungated shared expert); use the portable layer (MoeLayer<float, Kokkos::Cuda>, or a host "
+                   "layer: --precision fp32)");
+}
 }  // namespace detail
 
 ExpertImpl parse_expert_impl(const std::string& name) {

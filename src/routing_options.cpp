@@ -1,4 +1,5 @@
-// The one-line description of a routing variant (kmoe inspect, error messages).
+// The one-line descriptions of a routing and an expert variant (kmoe inspect, error messages).
+#include <kmoe/core/expert_options.hpp>
 #include <kmoe/core/routing_options.hpp>
 
 #include <sstream>
@@ -22,6 +23,13 @@ std::string describe(const RoutingOptions& o) {
     os << ", no renormalisation";
   }
   if (o.scaling_factor != 1) os << ", scale " << o.scaling_factor;
+  return os.str();
+}
+
+std::string describe(const ExpertOptions& o) {
+  if (o.activation == Activation::SwiGLU) return "swiglu";
+  std::ostringstream os;
+  os << "clamped swiglu (alpha " << o.alpha << ", limit " << o.limit << ", up + " << o.up_offset << ")";
   return os.str();
 }
 

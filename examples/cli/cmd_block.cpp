@@ -31,6 +31,8 @@ const char* const kHelp =
     "layers.I.x and layers.I.dy ([..., hidden]) of the safetensors FILE, and writes (float64, int64 topk_idx)\n"
     "layers.I.{router_logits, topk_idx, topk_weight, y, dx, grad.gate, grad.w1, grad.w3, grad.w2} and, for a model\n"
     "with a shared expert, layers.I.grad.shared_{w1,w3,w2} to --out (atomically). The output includes the shared expert.\n"
+    "Families with optional tensors add their gradients: grad.router_bias, grad.w{1,3,2}_bias (GPT-OSS),\n"
+    "grad.shared_gate (Qwen2-MoE).\n"
     "--out may not be the --inputs file or lie inside --checkpoint.\n\n"
     "  --precision f64|f32      compute type (default f64; f64 computes the softmax in float64)\n"
     "  --impl scatter|padded    ScatterMoE-style or MegaBlocks-style expert path (default scatter)\n"
@@ -113,6 +115,11 @@ std::vector<io::TensorToWrite> block_outputs(const BlockJob& job, const LogitsVi
     add("grad.shared_w3", grads.shared_w3);
     add("grad.shared_w2", grads.shared_w2);
   }
+  if (grads.router_bias.span()) add("grad.router_bias", grads.router_bias);
+  if (grads.w1_bias.span()) add("grad.w1_bias", grads.w1_bias);
+  if (grads.w3_bias.span()) add("grad.w3_bias", grads.w3_bias);
+  if (grads.w2_bias.span()) add("grad.w2_bias", grads.w2_bias);
+  if (grads.shared_gate.span()) add("grad.shared_gate", grads.shared_gate);
   return out;
 }
 
@@ -148,14 +155,22 @@ std::vector<io::TensorToWrite> run_block_ep(const BlockJob& job) {
       using V = std::decay_t<decltype(g)>;
       using Flat = Kokkos::View<typename V::non_const_value_type**, Kokkos::LayoutRight, typename V::memory_space,
                                 Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
-      const auto all = comm::gather_rows(layout.ep_group(), Flat(g.data(), g.extent(0), g.extent(1) * g.extent(2)));
-      V out(std::string(g.label()), all.extent(0), g.extent(1), g.extent(2));
+      const std::size_t inner = g.extent(0) == 0 ? 0 : g.span() / g.extent(0);
+      const auto all = comm::gather_rows(layout.ep_group(), Flat(g.data(), g.extent(0), inner));
+      auto layout_all = g.layout();
+      layout_all.dimension[0] = all.extent(0);
+      V out(std::string(g.label()), layout_all);
       Kokkos::deep_copy(Flat(out.data(), all.extent(0), all.extent(1)), all);
       return out;
     };
     grads.w1 = gather_experts(back.grads.w1);
     grads.w3 = gather_experts(back.grads.w3);
     grads.w2 = gather_experts(back.grads.w2);
+    if (back.grads.has_expert_biases()) {  // [E_local, F] and [E_local, H] slices, gathered the same way
+      grads.w1_bias = gather_experts(back.grads.w1_bias);
+      grads.w3_bias = gather_experts(back.grads.w3_bias);
+      grads.w2_bias = gather_experts(back.grads.w2_bias);
+    }
   }
   if (world.rank() != 0) return {};
   return block_outputs(job, logits, topk_idx, topk_weight, y_all, dx_all, grads);

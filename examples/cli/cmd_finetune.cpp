@@ -211,6 +211,8 @@ io::MoeLayerWeights<T> to_host(const moe::MoeWeights<T, Space>& w) {
     dst = D(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), src.layout());
     Kokkos::deep_copy(dst, src);
   });
+  // The selection bias is not trained (not one of the pairs) but is written back with the layer.
+  h.score_bias = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), w.score_bias);
   return h;
 }
 
@@ -289,6 +291,17 @@ moe::MoeWeights<C, Space> compute_copy(const moe::MoeWeights<T, Space>& w) {
       convert_into<Space>(dst, src);
     });
     out.first_expert = w.first_expert;
+    if constexpr (std::is_same<typename moe::MoeWeights<C, Space>::wide_vector,
+                               typename moe::MoeWeights<T, Space>::wide_vector>::value) {
+      out.score_bias = w.score_bias;  // the same wide type (float for both fp32 masters and bf16 compute)
+    } else {
+      using WV = typename moe::MoeWeights<C, Space>::wide_vector;
+      out.score_bias = WV("kmoe::compute::score_bias", w.score_bias.extent(0));
+      convert_into<Space>(out.score_bias, w.score_bias);
+    }
+    out.routing = w.routing;
+    out.expert = w.expert;
+    out.family = w.family;
     return out;
   }
 }
@@ -409,7 +422,7 @@ class Trainer {
       Kokkos::deep_copy(c, v);
       v = c;
     };
-    dup(out.router), dup(out.w1), dup(out.w3), dup(out.w2), dup(out.shared_w1), dup(out.shared_w3), dup(out.shared_w2);
+    moe::for_each_weight_pair(out, out, [&](auto& v, const auto&, const char*) { dup(v); });
     return out;
   }
 
@@ -478,8 +491,8 @@ class Trainer {
       const std::string p = "layer" + std::to_string(layers_[l]) + ".";
       moe::for_each_weight_pair(g, g, [&](const auto& v, const auto&, const char* name) {
         const std::string n = name;
-        if (v.span() == 0) return;  // no shared expert
-        grads.add(p + n, v, n == "w1" || n == "w3" || n == "w2" ? comm::GradKind::expert : comm::GradKind::replicated);
+        if (v.span() == 0) return;  // a tensor the architecture lacks (shared expert, biases, gate)
+        grads.add(p + n, v, moe::is_expert_tensor(n) ? comm::GradKind::expert : comm::GradKind::replicated);
       });
     }
     grads.reduce();

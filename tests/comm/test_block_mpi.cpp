@@ -75,6 +75,9 @@ TEST(BlockMpi, EveryLayoutWritesTheSingleProcessOutputs) {
       {"granitemoeshared-tiny", 1, 4, 4}, // 6 experts over 4 ranks: 2+2+1+1
       {"mixtral-tiny", 1, 5, 0},          // 12 tokens over 5 ranks: 3+3+2+2+2; 8 experts: 2+2+2+1+1
       {"granitemoe-tiny", 1, 2, 0, "f32"},  // float32 compute: equal to one process within float rounding
+      {"gpt_oss-tiny", 1, 3, 0},          // router and expert biases (gathered with their experts), clamped SwiGLU
+      {"deepseek_v3-tiny", 2, 4, 0},      // sigmoid + selection bias + group-limited top-k, a shared expert
+      {"qwen2_moe-tiny", 0, 2, 0},        // the sigmoid-gated shared expert
   };
   ScratchDir dir("block-mpi");
   for (const auto& c : cases) {

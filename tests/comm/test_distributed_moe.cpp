@@ -1,6 +1,7 @@
 // DistributedMoe (MoeLayer's stages + all-to-all) against the single-process MoeLayer on the same global batch:
 // every ep that divides the world, uneven token splits (ranks without tokens too), with and without a shared expert,
-// float64 within 1e-12 relative, and the global gradient norm equal to the single-process one.
+// every testdata family's variants (their optional tensors sharded or replicated), float64 within 1e-12 relative, and
+// the global gradient norm equal to the single-process one.
 #include <gtest/gtest.h>
 
 #include <kmoe/comm/distributed_moe.hpp>
@@ -66,7 +67,7 @@ double sumsq(const Weights& g) {
   auto add = [&](const auto& v) {
     for (std::size_t i = 0; i < v.span(); ++i) s += v.data()[i] * v.data()[i];
   };
-  add(g.router); add(g.w1); add(g.w3); add(g.w2); add(g.shared_w1); add(g.shared_w3); add(g.shared_w2);
+  moe::for_each_weight_pair(g, g, [&](const auto& v, const auto&, const char*) { add(v); });
   return s;
 }
 
@@ -111,10 +112,17 @@ void compare(const Weights& full, const Matrix& x, const Matrix& dy, int ep, int
   EXPECT_LT(rel_err(b.grads.w1, b_ref.grads.w1, ex.begin), tol) << where;
   EXPECT_LT(rel_err(b.grads.w3, b_ref.grads.w3, ex.begin), tol) << where;
   EXPECT_LT(rel_err(b.grads.w2, b_ref.grads.w2, ex.begin), tol) << where;
-  if (S > 0) {
-    EXPECT_LT(rel_err(b.grads.shared_w1, b_ref.grads.shared_w1), tol) << where;
-    EXPECT_LT(rel_err(b.grads.shared_w2, b_ref.grads.shared_w2), tol) << where;
-  }
+  // Every tensor, the optional ones (biases, shared gate) included: expert ones against the single-process rows of
+  // this rank's experts, the others whole.
+  int compared = 0;
+  moe::for_each_weight_pair(b.grads, b_ref.grads, [&](const auto& got, const auto& want, const char* name) {
+    ASSERT_EQ(got.span() == 0, want.span() == 0) << where << " " << name;
+    if (want.span() == 0) return;
+    ++compared;
+    EXPECT_LT(rel_err(got, want, moe::is_expert_tensor(name) ? ex.begin : 0), tol) << where << " " << name;
+  });
+  const int optional = int(full.has_router_bias()) + 3 * int(full.has_expert_biases()) + int(full.has_shared_gate());
+  EXPECT_EQ(compared, 4 + (S > 0 ? 3 : 0) + optional) << where;
   const double norm_ref = std::sqrt(sumsq(b_ref.grads));
   EXPECT_NEAR(grads.global_norm(), norm_ref, tol * norm_ref) << where;
 }
@@ -131,10 +139,14 @@ void check(std::int64_t tokens, int ep, std::int64_t S, int top_k) {
 
 TEST(DistributedMoe, EveryTestdataLayerMatchesTheSingleProcessLayer) {
   const int n = comm::MpiCommunicator::world()->size();
-  for (const std::string set : {"mixtral-tiny", "granitemoe-tiny", "granitemoeshared-tiny"}) {
+  // Besides the Mixtral/Granite sets, the families with the other variants: DeepSeek-V3 (sigmoid, selection bias,
+  // group-limited top-k, scaling, a plain shared expert), GPT-OSS (router bias, softmax over the k, expert biases
+  // sharded with their experts, the clamped SwiGLU), Qwen2-MoE (the gated shared expert), OLMoE (no renormalisation).
+  for (const std::string set : {"mixtral-tiny", "granitemoe-tiny", "granitemoeshared-tiny", "deepseek_v3-tiny",
+                                "gpt_oss-tiny", "qwen2_moe-tiny", "olmoe-tiny"}) {
     const auto ckpt = io::HfCheckpoint::open(kmoe::test::testdata_dir() / set / "hf_save_pretrained");
     const auto ref = io::SafetensorsFile::open(kmoe::test::testdata_dir() / set / (set + "-ref.safetensors"));
-    for (int layer = 0; layer < ckpt.config().num_layers; ++layer) {
+    for (int layer : ckpt.config().moe_layers) {
       const Weights full = moe::load_weights<double, Exec>(ckpt, layer);
       const std::string p = "layers." + std::to_string(layer) + ".";
       auto rows = [&](const std::string& name) {
@@ -157,6 +169,37 @@ TEST(DistributedMoe, EveryLayoutMatchesTheSingleProcessLayer) {
     if (n % ep) continue;
     check(37, ep, 0, 2);
     check(37, ep, 8, 2);
+  }
+}
+
+// Every optional tensor at once (router bias, expert biases, a gated shared expert) with sigmoid group-limited routing
+// and a selection bias and the clamped SwiGLU: not one family, all the variants' code, including ranks with no token.
+TEST(DistributedMoe, AllVariantsTogetherAndRanksWithoutTokens) {
+  const int n = comm::MpiCommunicator::world()->size();
+  const std::int64_t E = 6, H = 16, F = 12, S = 8;
+  Weights full = random_weights(E, H, F, S, 13);
+  std::mt19937_64 rng(17);
+  full.router_bias = Weights::views::vector("router_bias", E);
+  full.score_bias = Weights::views::vector("score_bias", E);
+  full.w1_bias = Matrix("w1_bias", E, F);
+  full.w3_bias = Matrix("w3_bias", E, F);
+  full.w2_bias = Matrix("w2_bias", E, H);
+  full.shared_gate = Matrix("shared_gate", 1, H);
+  for (const auto& v : {full.w1_bias, full.w3_bias, full.w2_bias, full.shared_gate}) fill(v, rng, 0.5);
+  fill(full.router_bias, rng, 0.3);
+  fill(full.score_bias, rng, 0.3);
+  full.routing.score = core::ScoreFunction::Sigmoid;
+  full.routing.n_group = 3;
+  full.routing.topk_group = 2;
+  full.routing.scaling_factor = 1.5;
+  full.expert.activation = core::Activation::ClampedSwiGLU;
+  full.expert.limit = 0.8;
+  for (std::int64_t tokens : {3, 29}) {
+    Matrix x("x", tokens, H), dy("dy", tokens, H);
+    fill(x, rng, 1.0);
+    fill(dy, rng, 1.0);
+    for (int ep = 1; ep <= n; ++ep)
+      if (n % ep == 0) compare(full, x, dy, ep, 2, "all variants");
   }
 }
 

@@ -50,13 +50,60 @@ std::vector<std::pair<const char*, std::function<double*(const W&)>>> tensors() 
           {"w2", [](const W& w) { return w.w2.data(); }},
           {"shared_w1", [](const W& w) { return w.shared_w1.data(); }},
           {"shared_w3", [](const W& w) { return w.shared_w3.data(); }},
-          {"shared_w2", [](const W& w) { return w.shared_w2.data(); }}};
+          {"shared_w2", [](const W& w) { return w.shared_w2.data(); }},
+          {"router_bias", [](const W& w) { return w.router_bias.data(); }},
+          {"w1_bias", [](const W& w) { return w.w1_bias.data(); }},
+          {"w3_bias", [](const W& w) { return w.w3_bias.data(); }},
+          {"w2_bias", [](const W& w) { return w.w2_bias.data(); }},
+          {"shared_gate", [](const W& w) { return w.shared_gate.data(); }}};
 }
 
 template <class W>
 std::vector<std::size_t> sizes(const W& w) {
-  return {w.router.span(), w.w1.span(), w.w3.span(), w.w2.span(), w.shared_w1.span(), w.shared_w3.span(),
-          w.shared_w2.span()};
+  return {w.router.span(),      w.w1.span(),      w.w3.span(),      w.w2.span(),      w.shared_w1.span(),
+          w.shared_w3.span(),   w.shared_w2.span(), w.router_bias.span(), w.w1_bias.span(), w.w3_bias.span(),
+          w.w2_bias.span(),     w.shared_gate.span()};
+}
+
+/// The families' variants on random weights (what check_gradients applies after random_weights).
+using Variant = std::function<void(moe::MoeWeights<double, Kokkos::Serial>&)>;
+using SV = moe::MoeViews<double, Kokkos::Serial>;
+
+/// GPT-OSS: router bias, top-k of the logits with a softmax over the k, expert biases, the clamped SwiGLU with a
+/// limit low enough that both clamps bite on a good share of the pre-activations.
+void gpt_oss_variant(moe::MoeWeights<double, Kokkos::Serial>& w) {
+  const std::int64_t e = w.num_experts(), f = w.ffn(), h = w.hidden();
+  w.router_bias = SV::vector("router_bias", e);
+  w.w1_bias = SV::matrix("w1_bias", e, f);
+  w.w3_bias = SV::matrix("w3_bias", e, f);
+  w.w2_bias = SV::matrix("w2_bias", e, h);
+  fill_normal(w.router_bias, 31, 0.3);
+  fill_normal(w.w1_bias, 32, 0.5);
+  fill_normal(w.w3_bias, 33, 0.5);
+  fill_normal(w.w2_bias, 34, 0.5);
+  w.routing.softmax_over_topk = true;
+  w.routing.renormalize = false;
+  w.expert.activation = core::Activation::ClampedSwiGLU;
+  w.expert.limit = 0.6;
+}
+
+/// DeepSeek-V3: sigmoid scores, a selection bias, group-limited top-k, renormalisation with an epsilon, scaling.
+void deepseek_variant(moe::MoeWeights<double, Kokkos::Serial>& w) {
+  w.score_bias = SV::vector("score_bias", w.num_experts());
+  fill_normal(w.score_bias, 41, 0.3);
+  w.routing.score = core::ScoreFunction::Sigmoid;
+  w.routing.n_group = 3;
+  w.routing.topk_group = 2;
+  w.routing.group_score_topk = 2;
+  w.routing.renorm_epsilon = 1e-20;
+  w.routing.scaling_factor = 2.5;
+}
+
+/// Qwen2-MoE: no renormalisation, the shared expert scaled by sigmoid(x·g).
+void qwen2_variant(moe::MoeWeights<double, Kokkos::Serial>& w) {
+  w.shared_gate = SV::matrix("shared_gate", 1, w.hidden());
+  fill_normal(w.shared_gate, 51, 0.5);
+  w.routing.renormalize = false;
 }
 
 using Layer = moe::MoeLayer<double, Kokkos::Serial>;
@@ -68,10 +115,11 @@ double loss(Layer& layer, const Layer::matrix& x, const Layer::matrix& dy) {
   return L;
 }
 
-void check_gradients(const Shape& s, moe::ExpertImpl impl) {
+void check_gradients(const Shape& s, moe::ExpertImpl impl, const Variant& variant = {}) {
   SCOPED_TRACE(::testing::Message() << "T=" << s.tokens << " E=" << s.experts << " k=" << s.top_k
                                     << " S=" << s.shared << (impl == moe::ExpertImpl::Scatter ? " scatter" : " padded"));
   auto w = random_weights<double, Kokkos::Serial>(s, 11);
+  if (variant) variant(w);
   moe::MoeOptions opt;
   opt.top_k = s.top_k;
   opt.impl = impl;
@@ -122,6 +170,77 @@ TEST(MoeLayer, GradientsMatchFiniteDifferences) {
   };
   for (const auto& s : shapes)
     for (auto impl : {moe::ExpertImpl::Scatter, moe::ExpertImpl::Padded}) check_gradients(s, impl);
+}
+
+TEST(MoeLayer, VariantGradientsMatchFiniteDifferences) {
+  // Every gradient of each family's variant, the optional tensors' included (router bias, expert biases, shared
+  // gate), both paths; E = 6 so that DeepSeek's 3 groups hold 2 experts each.
+  const std::vector<std::pair<const char*, Variant>> variants = {
+      {"gpt_oss", gpt_oss_variant}, {"deepseek_v3", deepseek_variant}, {"qwen2_moe", qwen2_variant}};
+  const std::vector<Shape> shapes = {{9, 6, 5, 6, 2, 4}, {7, 5, 4, 6, 3, 3}, {1, 4, 3, 6, 2, 3}};
+  for (const auto& [name, variant] : variants)
+    for (const auto& s : shapes)
+      for (auto impl : {moe::ExpertImpl::Scatter, moe::ExpertImpl::Padded}) {
+        SCOPED_TRACE(name);
+        check_gradients(s, impl, variant);
+      }
+}
+
+TEST(MoeLayer, ClampedSwigluGradientIsZeroWhereTheClampBitesAndMatchesFiniteDifferencesElsewhere) {
+  // Elementwise, over a grid of pre-activations through both kinks (h1 = limit, h3 = ±limit) and beyond.
+  using S = Kokkos::Serial;
+  using M = Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+  core::ExpertOptions o;
+  o.activation = core::Activation::ClampedSwiGLU;  // alpha 1.702, limit 7, up + 1
+  std::vector<double> grid;
+  for (double v = -9.5; v <= 9.5; v += 0.25) grid.push_back(v);
+  for (double d : {-1e-3, 1e-3}) {  // just inside and just outside each kink
+    grid.push_back(7 + d);
+    grid.push_back(-7 + d);
+  }
+  const std::int64_t n = grid.size();
+  M h1("h1", n, n), h3("h3", n, n), act("act", n, n), dact("dact", n, n), dh1("dh1", n, n), dh3("dh3", n, n);
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t j = 0; j < n; ++j) {
+      h1(i, j) = grid[i];
+      h3(i, j) = grid[j];
+      dact(i, j) = 1;
+    }
+  core::swiglu_backward(S(), h1, h3, dact, dh1, dh3, o);
+  auto f = [&](double a, double b) {
+    M p1("p1", 1, 1), p3("p3", 1, 1), out("out", 1, 1);
+    p1(0, 0) = a;
+    p3(0, 0) = b;
+    core::swiglu_forward(S(), p1, p3, out, o);
+    return out(0, 0);
+  };
+  const double eps = 1e-6;
+  int zero1 = 0, zero3 = 0;
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t j = 0; j < n; ++j) {
+      const double a = grid[i], b = grid[j];
+      // On a kink itself torch.clamp passes the gradient: the one-sided difference from inside the range.
+      const double fd1 = a == 7 ? (f(a, b) - f(a - eps, b)) / eps : (f(a + eps, b) - f(a - eps, b)) / (2 * eps);
+      const double fd3 = b == 7    ? (f(a, b) - f(a, b - eps)) / eps
+                         : b == -7 ? (f(a, b + eps) - f(a, b)) / eps
+                                   : (f(a, b + eps) - f(a, b - eps)) / (2 * eps);
+      const double tol = a == 7 || std::abs(b) == 7 ? 1e-5 : 1e-6;
+      EXPECT_NEAR(dh1(i, j), fd1, tol * std::max(1.0, std::abs(fd1))) << "h1 " << a << " h3 " << b;
+      EXPECT_NEAR(dh3(i, j), fd3, tol * std::max(1.0, std::abs(fd3))) << "h1 " << a << " h3 " << b;
+      if (a > 7) {
+        EXPECT_EQ(dh1(i, j), 0.0);
+        ++zero1;
+      }
+      if (std::abs(b) > 7) {
+        EXPECT_EQ(dh3(i, j), 0.0);
+        ++zero3;
+      }
+    }
+  EXPECT_GT(zero1, 0);
+  EXPECT_GT(zero3, 0);
+  // The forward at the GPT-OSS formula, one point by hand: h1 = 2, h3 = -8 -> (-7 + 1) * 2 * sigmoid(3.404).
+  EXPECT_NEAR(f(2, -8), -6 * 2 / (1 + std::exp(-3.404)), 1e-14);
+  EXPECT_NEAR(f(8, 0.5), 1.5 * 7 / (1 + std::exp(-1.702 * 7)), 1e-14);
 }
 
 TEST(MoeLayer, TopOneRoutingHasZeroRouterGradient) {

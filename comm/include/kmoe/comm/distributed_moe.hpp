@@ -25,25 +25,22 @@
 
 namespace kmoe::comm {
 
-/// The weights one rank holds: the router and shared expert of `full`, and copies of the experts
-/// layout.local_experts() (first_expert set accordingly). UsageError when `full` does not hold all the placement's experts.
+/// The weights one rank holds: the router (and its biases), the shared expert (and its gate) of `full`, and copies
+/// of the experts layout.local_experts() with their biases (first_expert set accordingly). UsageError when `full`
+/// does not hold all the placement's experts.
 template <class T, class ExecSpace>
 moe::MoeWeights<T, ExecSpace> local_slice(const moe::MoeWeights<T, ExecSpace>& full, const ExpertParallel& layout);
 
-/// A GradientSet over the gradients of one block under `layout`: router and shared expert replicated, w1/w3/w2
-/// expert slices (what DistributedMoe::gradient_set returns). The set refers to `g`'s views.
+/// A GradientSet over the gradients of one block under `layout`: router, its bias, the shared expert and its gate
+/// replicated; w1/w3/w2 and their biases expert slices (what DistributedMoe::gradient_set returns). Absent tensors
+/// (empty Views) are left out. The set refers to `g`'s views.
 template <class G, class ExecSpace>
 GradientSet expert_gradient_set(const ExpertParallel& layout, const moe::MoeWeights<G, ExecSpace>& g) {
   GradientSet set(layout);
-  set.add("router", g.router, GradKind::replicated);
-  set.add("w1", g.w1, GradKind::expert);
-  set.add("w3", g.w3, GradKind::expert);
-  set.add("w2", g.w2, GradKind::expert);
-  if (g.has_shared()) {
-    set.add("shared_w1", g.shared_w1, GradKind::replicated);
-    set.add("shared_w3", g.shared_w3, GradKind::replicated);
-    set.add("shared_w2", g.shared_w2, GradKind::replicated);
-  }
+  moe::for_each_weight_pair(g, g, [&](const auto& v, const auto&, const char* name) {
+    if (v.span() == 0) return;
+    set.add(name, v, moe::is_expert_tensor(name) ? GradKind::expert : GradKind::replicated);
+  });
   return set;
 }
 
@@ -179,6 +176,16 @@ moe::MoeWeights<T, ExecSpace> local_slice(const moe::MoeWeights<T, ExecSpace>& f
   w.w1 = slice(full.w1, "kmoe::local::w1");
   w.w3 = slice(full.w3, "kmoe::local::w3");
   w.w2 = slice(full.w2, "kmoe::local::w2");
+  const auto slice_bias = [&](const auto& v, const char* name) {
+    using V = std::decay_t<decltype(v)>;
+    if (v.extent(0) == 0) return V();
+    V out(std::string(name), mine.count, v.extent(1));
+    Kokkos::deep_copy(out, Kokkos::subview(v, Kokkos::make_pair(mine.begin, mine.end()), Kokkos::ALL));
+    return out;
+  };
+  w.w1_bias = slice_bias(full.w1_bias, "kmoe::local::w1_bias");
+  w.w3_bias = slice_bias(full.w3_bias, "kmoe::local::w3_bias");
+  w.w2_bias = slice_bias(full.w2_bias, "kmoe::local::w2_bias");
   w.first_expert = mine.begin;
   return w;
 }
@@ -250,12 +257,14 @@ moe::MoeBackward<T, ExecSpace> DistributedMoe<T, ExecSpace>::backward(const_matr
   const matrix dy_grouped = combine_backward(h, dy_rows, RowOrder::expert);
   matrix dx_grouped(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("kmoe::comm::dx_grouped")),
                     h.num_received(), hidden);
-  layer_.expert_backward(experts_, dy_grouped, dx_grouped, out.grads.w1, out.grads.w3, out.grads.w2);
+  layer_.expert_backward(experts_, dy_grouped, dx_grouped, out.grads.w1, out.grads.w3, out.grads.w2,
+                         out.grads.w1_bias, out.grads.w3_bias, out.grads.w2_bias);
   const matrix dx_rows = dispatch_backward(h, dx_grouped, RowOrder::expert);
   out.dx = matrix(std::string("kmoe::comm::dx"), tokens, hidden);
   layer_.dispatch_backward(dx_rows, routing_, out.dx, false, false);
-  layer_.route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router);
-  layer_.shared_backward(shared_, dy, out.dx, out.grads.shared_w1, out.grads.shared_w3, out.grads.shared_w2);
+  layer_.route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router, out.grads.router_bias);
+  layer_.shared_backward(shared_, dy, out.dx, out.grads.shared_w1, out.grads.shared_w3, out.grads.shared_w2,
+                         out.grads.shared_gate);
   Kokkos::Profiling::popRegion();
   return out;
 }

@@ -49,6 +49,11 @@ class AdamW {
     update(params.shared_w1, grads.shared_w1, exp_avg_.shared_w1, exp_avg_sq_.shared_w1, bc1, bc2);
     update(params.shared_w3, grads.shared_w3, exp_avg_.shared_w3, exp_avg_sq_.shared_w3, bc1, bc2);
     update(params.shared_w2, grads.shared_w2, exp_avg_.shared_w2, exp_avg_sq_.shared_w2, bc1, bc2);
+    update(params.router_bias, grads.router_bias, exp_avg_.router_bias, exp_avg_sq_.router_bias, bc1, bc2);
+    update(params.w1_bias, grads.w1_bias, exp_avg_.w1_bias, exp_avg_sq_.w1_bias, bc1, bc2);
+    update(params.w3_bias, grads.w3_bias, exp_avg_.w3_bias, exp_avg_sq_.w3_bias, bc1, bc2);
+    update(params.w2_bias, grads.w2_bias, exp_avg_.w2_bias, exp_avg_sq_.w2_bias, bc1, bc2);
+    update(params.shared_gate, grads.shared_gate, exp_avg_.shared_gate, exp_avg_sq_.shared_gate, bc1, bc2);
     ExecSpace().fence();
   }
 

@@ -5,6 +5,10 @@
 /// Semantics (Mixtral / GraniteMoe / GraniteMoeShared as transformers computes them):
 ///   logits = x·Gᵀ; p = softmax(logits); (w, idx) = topk(p, k) descending; w /= sum(w);
 ///   y[t] = sum_s w[t,s] · W2[idx] (silu(W1[idx] x[t]) * W3[idx] x[t])  [+ Ws2 (silu(Ws1 x[t]) * Ws3 x[t])]
+/// and the variants the weights carry (MoeWeights::routing, ::expert and the optional tensors), each family's math as
+/// transformers computes it: the routing variants of core::RoutingOptions with a router bias (GPT-OSS) and a
+/// selection bias (DeepSeek-V3); expert biases and the clamped SwiGLU (GPT-OSS, core::ExpertOptions); a shared
+/// expert scaled by sigmoid(x·g) (Qwen2-MoE's shared_expert_gate).
 ///
 /// The stages, each with its backward (all block until their outputs are written):
 ///   (a) route             x [T,H] -> Routing (logits, probs, topk_idx, topk_weight, dispatch plan)
@@ -30,7 +34,9 @@
 #include <kmoe/core/bf16.hpp>
 #include <kmoe/core/dispatch_plan.hpp>
 #include <kmoe/core/expert_mlp.hpp>
+#include <kmoe/core/expert_options.hpp>
 #include <kmoe/core/kernel_common.hpp>
+#include <kmoe/core/routing_options.hpp>
 
 #include <Kokkos_Core.hpp>
 #include <cstdint>
@@ -61,7 +67,7 @@ enum class ExpertImpl {
 /// Parses "scatter" / "padded"; UsageError naming the value otherwise.
 ExpertImpl parse_expert_impl(const std::string& name);
 
-/// How the layer computes (not what: the weights fix that).
+/// How the layer computes (not what: the weights fix that, MoeWeights::routing and ::expert included).
 struct MoeOptions {
   std::int64_t top_k = 2;                         ///< experts per token (1 <= top_k <= num_experts)
   ExpertImpl impl = ExpertImpl::Scatter;          ///< expert path of forward()/backward()
@@ -86,17 +92,26 @@ struct MoeOptions {
 template <class T, class ExecSpace>
 struct MoeViews {
   using memory_space = typename ExecSpace::memory_space;
+  using vector = Kokkos::View<T*, Kokkos::LayoutRight, memory_space>;
   using matrix = Kokkos::View<T**, Kokkos::LayoutRight, memory_space>;
   using const_matrix = Kokkos::View<const T**, Kokkos::LayoutRight, memory_space>;
   using tensor3 = Kokkos::View<T***, Kokkos::LayoutRight, memory_space>;
   using index_matrix = Kokkos::View<std::int64_t**, Kokkos::LayoutRight, memory_space>;
 };
 
-/// The parameters of one MoE block (or, for expert parallelism, of the experts one rank owns).
-/// Also the type of their gradients (same shapes).
+/// The parameters of one MoE block (or, for expert parallelism, of the experts one rank owns), and the family's
+/// math (routing and expert variants) that goes with them: a checkpoint's weights make the right layer whatever
+/// options the caller picks. Also the type of their gradients (same shapes; routing/expert/family unused there).
+///
+/// The seven tensors every family has, then the optional ones a family adds (empty Views, extent 0, when it has
+/// none). They are members here rather than a second struct so that every user of for_each_weight_pair (gradients,
+/// AdamW, checkpoints, expert slices, the finetune trainer) carries them without a second code path; an absent one
+/// costs an empty View.
 template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
 struct MoeWeights {
   using views = MoeViews<T, ExecSpace>;
+  /// The selection bias's type: T for float/double, float for bf16 (checkpoints keep it in F32).
+  using wide_vector = typename MoeViews<core::accum_t<T>, ExecSpace>::vector;
   typename views::matrix router;     ///< [E,H] (always all experts: every rank routes its own tokens)
   typename views::tensor3 w1;        ///< [E_local,F,H] gate projection of experts [first_expert, first_expert+E_local)
   typename views::tensor3 w3;        ///< [E_local,F,H] up projection
@@ -104,7 +119,19 @@ struct MoeWeights {
   typename views::matrix shared_w1;  ///< [S,H] shared expert gate projection; extent 0 when the model has none
   typename views::matrix shared_w3;  ///< [S,H]
   typename views::matrix shared_w2;  ///< [H,S]
-  std::int64_t first_expert = 0;     ///< global index of w1[0]
+  // Optional tensors (extent 0 = absent).
+  typename views::vector router_bias;  ///< [E] added to the logits (GPT-OSS); replicated like the router
+  typename views::matrix w1_bias;      ///< [E_local,F] added to W1 x (GPT-OSS); sliced with the experts
+  typename views::matrix w3_bias;      ///< [E_local,F] added to W3 x
+  typename views::matrix w2_bias;      ///< [E_local,H] added to the expert output
+  typename views::matrix shared_gate;  ///< [1,H] the shared expert is scaled by sigmoid(x·g) (Qwen2-MoE)
+  /// [E] selection-only bias (DeepSeek-V3's e_score_correction_bias): steers the choice, never the weights, gets no
+  /// gradient (a buffer in transformers, not a parameter): not one of for_each_weight_pair's tensors.
+  wide_vector score_bias;
+  std::int64_t first_expert = 0;  ///< global index of w1[0]
+  core::RoutingOptions routing;   ///< the family's routing (default: softmax, top-k, renormalise)
+  core::ExpertOptions expert;     ///< the family's expert activation (default: SwiGLU)
+  std::string family;             ///< the architecture the weights came from ("" when made by hand), for messages
 
   std::int64_t hidden() const { return router.extent(1); }
   std::int64_t num_experts() const { return router.extent(0); }
@@ -112,11 +139,21 @@ struct MoeWeights {
   std::int64_t ffn() const { return w1.extent(1); }
   std::int64_t shared_ffn() const { return shared_w1.extent(0); }
   bool has_shared() const { return shared_w1.extent(0) > 0; }
+  bool has_router_bias() const { return router_bias.extent(0) > 0; }
+  bool has_score_bias() const { return score_bias.extent(0) > 0; }
+  bool has_expert_biases() const { return w1_bias.extent(0) > 0 || w3_bias.extent(0) > 0 || w2_bias.extent(0) > 0; }
+  bool has_shared_gate() const { return shared_gate.extent(0) > 0; }
+  /// True when the block is the Mixtral/Granite one: default routing and activation, no optional tensor.
+  bool is_plain() const {
+    return routing.is_default() && expert.is_default() && !has_router_bias() && !has_score_bias() &&
+           !has_expert_biases() && !has_shared_gate();
+  }
 };
 
-/// Calls f(a.NAME, b.NAME, "NAME") for the seven weight tensors of two sets that use MoeWeights' member names
+/// Calls f(a.NAME, b.NAME, "NAME") for the trainable tensors of two sets that use MoeWeights' member names
 /// (MoeWeights, their gradients, io::MoeLayerWeights), in the order router, w1, w3, w2, shared_w1, shared_w3,
-/// shared_w2: conversions between the sets name the tensors once, here.
+/// shared_w2, then the optional router_bias, w1_bias, w3_bias, w2_bias, shared_gate (empty Views where absent):
+/// conversions between the sets name the tensors once, here. score_bias is not trained and not visited.
 template <class A, class B, class F>
 void for_each_weight_pair(A&& a, B&& b, F&& f) {
   f(a.router, b.router, "router");
@@ -126,6 +163,17 @@ void for_each_weight_pair(A&& a, B&& b, F&& f) {
   f(a.shared_w1, b.shared_w1, "shared_w1");
   f(a.shared_w3, b.shared_w3, "shared_w3");
   f(a.shared_w2, b.shared_w2, "shared_w2");
+  f(a.router_bias, b.router_bias, "router_bias");
+  f(a.w1_bias, b.w1_bias, "w1_bias");
+  f(a.w3_bias, b.w3_bias, "w3_bias");
+  f(a.w2_bias, b.w2_bias, "w2_bias");
+  f(a.shared_gate, b.shared_gate, "shared_gate");
+}
+
+/// True for the tensors that are sliced with the experts under expert parallelism (w1, w3, w2 and their biases);
+/// the others are replicated.
+inline bool is_expert_tensor(const std::string& name) {
+  return name == "w1" || name == "w3" || name == "w2" || name == "w1_bias" || name == "w3_bias" || name == "w2_bias";
 }
 
 /// Zero-filled tensors of the shapes of `like` (used for gradients).
@@ -138,10 +186,10 @@ template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
 struct Routing {
   using views = MoeViews<T, ExecSpace>;
   using value_matrix = typename MoeViews<grad_value_t<T>, ExecSpace>::matrix;
-  value_matrix logits;                       ///< [T,E] router logits x·Gᵀ (what a load-balancing loss needs)
-  value_matrix probs;                        ///< [T,E] softmax of the logits
-  typename views::index_matrix topk_idx;     ///< [T,k] chosen experts, descending probability
-  value_matrix topk_weight;                  ///< [T,k] renormalised weights
+  value_matrix logits;                       ///< [T,E] router logits x·Gᵀ (+ router bias), for a load-balancing loss
+  value_matrix probs;                        ///< [T,E] the scores: softmax of the logits (sigmoid for DeepSeek-V3)
+  typename views::index_matrix topk_idx;     ///< [T,k] chosen experts, descending choice score
+  value_matrix topk_weight;                  ///< [T,k] the combine weights (renormalised and scaled per the routing)
   core::DispatchPlan<typename views::memory_space> plan;  ///< pairs grouped by (global) expert, padded offsets too
   /// Rows per expert (global experts), on the host.
   const std::vector<std::int64_t>& expert_counts() const { return plan.counts_host; }
@@ -153,8 +201,9 @@ struct ExpertContext {
   using views = MoeViews<T, ExecSpace>;
   typename views::const_matrix x;   ///< [R,H] the input rows (a reference: keep them alive and unchanged)
   std::vector<std::int64_t> offsets;  ///< host, E_local+1: local expert g owns rows [offsets[g], offsets[g+1])
-  typename views::matrix h1, h3;    ///< [R,F] x·W1ᵀ and x·W3ᵀ
-  typename views::matrix y;         ///< [R,H] the expert outputs
+  typename views::matrix h1, h3;    ///< [R,F] x·W1ᵀ and x·W3ᵀ (+ biases)
+  typename views::matrix y;         ///< [R,H] the expert outputs (the shared expert's before its gate)
+  typename views::matrix gate;      ///< gated shared expert: [R,1] sigmoid(x·g); else empty
 };
 
 /// Gradients of a backward pass, in grad_value_t<T> (T for float/double layers, fp32 for a bf16 layer).
@@ -162,7 +211,7 @@ template <class T, class ExecSpace = Kokkos::DefaultExecutionSpace>
 struct MoeBackward {
   using value_type = grad_value_t<T>;
   typename MoeViews<value_type, ExecSpace>::matrix dx;  ///< [T,H]
-  MoeWeights<value_type, ExecSpace> grads;  ///< router = d gate, w1/w3/w2, shared_* (same shapes as the weights)
+  MoeWeights<value_type, ExecSpace> grads;  ///< router = d gate, w1/w3/w2, shared_*, optional tensors' (same shapes)
 };
 
 /// Uninitialised gradient tensors (value type G) shaped like `like`'s weights, labelled kmoe::grad::NAME; used by
@@ -223,11 +272,13 @@ class MoeLayer {
   const std::vector<std::int64_t>& expert_counts() const { return routing_.expert_counts(); }
 
   // ---- stages (expert parallelism calls these with an all-to-all between them) -------------------------------
-  /// (a) Route the local tokens: logits, softmax, top-k, plan (padded offsets with options().block).
+  /// (a) Route the local tokens: logits, scores, top-k, weights (the weights' routing variant), plan (padded offsets
+  /// with options().block).
   Routing<T, ExecSpace> route(const_matrix x) const;
-  /// (a') Backward of route: dx += d_logits·G, d_router = d_logitsᵀ·x (overwritten).
+  /// (a') Backward of route: dx += d_logits·G, d_router = d_logitsᵀ·x, d_router_bias = column sums of d_logits
+  /// (overwritten; pass an empty View when the router has no bias).
   void route_backward(const_matrix x, const Routing<T, ExecSpace>& routing, const_matrix d_topk_weight, matrix dx,
-                      matrix d_router) const;
+                      matrix d_router, typename views::vector d_router_bias = {}) const;
   /// Gather x's rows into dispatch order: row plan.pair_row[p] (or pair_padded_row with padded; padding rows zero).
   matrix dispatch(const_matrix x, const Routing<T, ExecSpace>& routing, bool padded = false) const;
   /// Backward of dispatch: dx (+)= the sum over each token's k rows of d_rows.
@@ -236,20 +287,25 @@ class MoeLayer {
   /// (b) Expert MLP on rows grouped by local expert: local expert g (global first_expert + g) owns rows
   /// [offsets[g], offsets[g+1]); offsets has E_local+1 entries, offsets.back() = rows.extent(0).
   ExpertContext<T, ExecSpace> expert_forward(const_matrix rows, std::vector<std::int64_t> offsets) const;
-  /// (b') Backward: d_rows [R,H] (out), d_w1/d_w3 [E_local,F,H], d_w2 [E_local,H,F] (out, overwritten).
+  /// (b') Backward: d_rows [R,H] (out), d_w1/d_w3 [E_local,F,H], d_w2 [E_local,H,F] (out, overwritten); with expert
+  /// biases also d_w1_bias/d_w3_bias [E_local,F], d_w2_bias [E_local,H] (out; empty Views = not wanted).
   void expert_backward(const ExpertContext<T, ExecSpace>& ctx, const_matrix dy_rows, matrix d_rows,
-                       typename views::tensor3 d_w1, typename views::tensor3 d_w3, typename views::tensor3 d_w2) const;
+                       typename views::tensor3 d_w1, typename views::tensor3 d_w3, typename views::tensor3 d_w2,
+                       matrix d_w1_bias = {}, matrix d_w3_bias = {}, matrix d_w2_bias = {}) const;
   /// (c) y[t] (+)= sum_s topk_weight[t,s] · y_rows[row of (t,s)] (rows in dispatch order, padded or not).
   void combine(const_matrix y_rows, const Routing<T, ExecSpace>& routing, matrix y, bool padded = false,
                bool accumulate = false) const;
   /// (c') Backward of combine: dy_rows (out, [R,H]) and d_topk_weight (out, [T,k]).
   void combine_backward(const_matrix dy, const_matrix y_rows, const Routing<T, ExecSpace>& routing, matrix dy_rows,
                         matrix d_topk_weight, bool padded = false) const;
-  /// Shared expert: y += Ws2 (silu(Ws1 x) * Ws3 x); returns its context (no-op without a shared expert).
+  /// Shared expert: y += Ws2 (silu(Ws1 x) * Ws3 x), scaled by sigmoid(x·g) when the weights have a shared_gate;
+  /// returns its context (no-op without a shared expert).
   ExpertContext<T, ExecSpace> shared_forward(const_matrix x, matrix y) const;
-  /// Backward of shared_forward: dx += ..., d_shared_w1/w3/w2 (out).
+  /// Backward of shared_forward: dx += ..., d_shared_w1/w3/w2 (out), d_gate [1,H] (out; with a shared_gate).
   void shared_backward(const ExpertContext<T, ExecSpace>& ctx, const_matrix dy, matrix dx, matrix d_w1, matrix d_w3,
-                       matrix d_w2) const;
+                       matrix d_w2, matrix d_gate = {}) const;
+  /// The weights' expert biases and activation, as the expert kernels take them.
+  core::ExpertExtras<T, typename views::memory_space> expert_extras() const;
 
  private:
   /// backward() into gradients that hold zeros.

@@ -79,6 +79,12 @@ MoeWeights<T, ExecSpace> perturbed_copy(const MoeWeights<T, ExecSpace>& w, std::
   perturb(out.shared_w1, 0);
   perturb(out.shared_w3, 0);
   perturb(out.shared_w2, 0);
+  // The optional tensors (empty Views where absent) after the seven, so that the seven keep their noise streams.
+  perturb(out.router_bias, 0);
+  perturb(out.w1_bias, w.first_expert);
+  perturb(out.w3_bias, w.first_expert);
+  perturb(out.w2_bias, w.first_expert);
+  perturb(out.shared_gate, 0);
   return out;
 }
 

@@ -4,6 +4,7 @@
 
 #include <kmoe/core/gather_scatter.hpp>
 #include <kmoe/core/routing.hpp>
+#include <kmoe/moe/detail/cuda_options.hpp>
 
 #include <string>
 #include <typeinfo>
@@ -65,8 +66,25 @@ void check_layer_arguments(const MoeWeights<T, ExecSpace>& w, const MoeOptions& 
     core::detail::check_extent(fn, "shared_w2", w.shared_w2, 0, h);
     core::detail::check_extent(fn, "shared_w2", w.shared_w2, 1, s);
   }
+  auto check_optional = [&](const char* what, const auto& v, std::int64_t rows, std::int64_t cols) {
+    if (v.extent(0) == 0) return;
+    core::detail::check_extent(fn, what, v, 0, rows);
+    if constexpr (std::decay_t<decltype(v)>::rank == 2) core::detail::check_extent(fn, what, v, 1, cols);
+  };
+  check_optional("router_bias", w.router_bias, e, 0);
+  check_optional("score_bias", w.score_bias, e, 0);
+  check_optional("w1_bias", w.w1_bias, el, f);
+  check_optional("w3_bias", w.w3_bias, el, f);
+  check_optional("w2_bias", w.w2_bias, el, h);
+  check_optional("shared_gate", w.shared_gate, 1, h);
+  KMOE_CHECK_INPUT(!w.has_shared_gate() || w.has_shared(), fn, ": a shared_gate without a shared expert");
   KMOE_CHECK_INPUT(options.top_k >= 1 && options.top_k <= e, fn, ": top_k = ", options.top_k, " outside [1, ", e,
                    "]");
+  core::detail::check_routing_options(fn, w.routing, e, options.top_k);
+  if constexpr (std::is_same<T, bf16>::value) check_cuda_block_runs(w);  // the bf16 layer is the CUDA block
+  if (!w.expert.is_default())
+    KMOE_CHECK_INPUT(w.expert.limit > 0 && w.expert.alpha == w.expert.alpha, fn, ": ", core::describe(w.expert),
+                     " needs a positive limit and a number alpha");
   KMOE_CHECK_INPUT(options.block >= 1, fn, ": block = ", options.block, " (must be >= 1)");
   KMOE_CHECK_INPUT(options.tile_rows >= 1, fn, ": tile_rows = ", options.tile_rows, " (must be >= 1)");
 }
@@ -120,17 +138,38 @@ Routing<T, ExecSpace> MoeLayer<T, ExecSpace>::route(const_matrix x) const {
   r.probs = detail::uninit<matrix>("kmoe::router_probs", tokens, e);
   r.topk_idx = detail::uninit<typename views::index_matrix>("kmoe::topk_idx", tokens, k);
   r.topk_weight = detail::uninit<matrix>("kmoe::topk_weight", tokens, k);
-  core::routing_forward(space_, x, weights_.router, r.logits, r.probs, r.topk_idx, r.topk_weight, options_.gemm);
+  if (weights_.routing.is_default() && !weights_.has_router_bias() && !weights_.has_score_bias())
+    core::routing_forward(space_, x, weights_.router, r.logits, r.probs, r.topk_idx, r.topk_weight, options_.gemm);
+  else
+    core::routing_forward(space_, x, weights_.router, weights_.router_bias, weights_.score_bias, r.logits, r.probs,
+                          r.topk_idx, r.topk_weight, weights_.routing, options_.gemm);
   r.plan = core::make_dispatch_plan(space_, r.topk_idx, e, options_.block);
   return r;
 }
 
 template <class T, class ExecSpace>
 void MoeLayer<T, ExecSpace>::route_backward(const_matrix x, const Routing<T, ExecSpace>& routing,
-                                            const_matrix d_topk_weight, matrix dx, matrix d_router) const {
+                                            const_matrix d_topk_weight, matrix dx, matrix d_router,
+                                            typename views::vector d_router_bias) const {
   auto d_logits = detail::uninit<matrix>("kmoe::d_logits", routing.probs.extent(0), routing.probs.extent(1));
-  core::routing_backward(space_, x, weights_.router, routing.probs, routing.topk_idx, routing.topk_weight,
-                         d_topk_weight, d_logits, dx, d_router, true, options_.gemm);
+  if (weights_.routing.is_default() && d_router_bias.extent(0) == 0)
+    core::routing_backward(space_, x, weights_.router, routing.probs, routing.topk_idx, routing.topk_weight,
+                           d_topk_weight, d_logits, dx, d_router, true, options_.gemm);
+  else
+    core::routing_backward(space_, x, weights_.router, routing.probs, routing.topk_idx, routing.topk_weight,
+                           d_topk_weight, d_logits, dx, d_router, d_router_bias, weights_.routing, true,
+                           options_.gemm);
+}
+
+template <class T, class ExecSpace>
+core::ExpertExtras<T, typename MoeLayer<T, ExecSpace>::views::memory_space> MoeLayer<T, ExecSpace>::expert_extras()
+    const {
+  core::ExpertExtras<T, typename views::memory_space> e;
+  e.b1 = weights_.w1_bias;
+  e.b3 = weights_.w3_bias;
+  e.b2 = weights_.w2_bias;
+  e.activation = weights_.expert;
+  return e;
 }
 
 template <class T, class ExecSpace>
@@ -166,16 +205,18 @@ ExpertContext<T, ExecSpace> MoeLayer<T, ExecSpace>::expert_forward(const_matrix 
   ctx.h3 = detail::uninit<matrix>("kmoe::expert::h3", n, f);
   ctx.y = detail::uninit<matrix>("kmoe::expert::y", n, rows.extent(1));
   core::grouped_mlp_forward(space_, rows, ctx.offsets, weights_.w1, weights_.w3, weights_.w2, ctx.h1, ctx.h3, ctx.y,
-                            false, options_.gemm);
+                            false, options_.gemm, expert_extras());
   return ctx;
 }
 
 template <class T, class ExecSpace>
 void MoeLayer<T, ExecSpace>::expert_backward(const ExpertContext<T, ExecSpace>& ctx, const_matrix dy_rows,
                                              matrix d_rows, typename views::tensor3 d_w1, typename views::tensor3 d_w3,
-                                             typename views::tensor3 d_w2) const {
+                                             typename views::tensor3 d_w2, matrix d_w1_bias, matrix d_w3_bias,
+                                             matrix d_w2_bias) const {
+  core::ExpertBiasGrads<T, typename views::memory_space> db{d_w1_bias, d_w3_bias, d_w2_bias};
   core::grouped_mlp_backward(space_, ctx.x, ctx.offsets, weights_.w1, weights_.w3, weights_.w2, ctx.h1, ctx.h3,
-                             dy_rows, d_rows, d_w1, d_w3, d_w2, false, options_.gemm);
+                             dy_rows, d_rows, d_w1, d_w3, d_w2, false, options_.gemm, expert_extras(), db);
 }
 
 template <class T, class ExecSpace>
@@ -204,20 +245,70 @@ ExpertContext<T, ExecSpace> MoeLayer<T, ExecSpace>::shared_forward(const_matrix 
   ctx.offsets = {0, n};
   ctx.h1 = detail::uninit<matrix>("kmoe::shared::h1", n, s);
   ctx.h3 = detail::uninit<matrix>("kmoe::shared::h3", n, s);
-  ctx.y = y;
+  if (!weights_.has_shared_gate()) {
+    ctx.y = y;
+    core::grouped_mlp_forward(space_, x, ctx.offsets, detail::as_one_group(weights_.shared_w1),
+                              detail::as_one_group(weights_.shared_w3), detail::as_one_group(weights_.shared_w2),
+                              ctx.h1, ctx.h3, y, true, options_.gemm);
+    return ctx;
+  }
+  // Gated (Qwen2-MoE): y += sigmoid(x·g) * shared(x); the ungated output and the gate are saved for the backward.
+  using A = core::accum_t<T>;
+  ctx.y = detail::uninit<matrix>("kmoe::shared::y", n, x.extent(1));
+  ctx.gate = detail::uninit<matrix>("kmoe::shared::gate", n, 1);
   core::grouped_mlp_forward(space_, x, ctx.offsets, detail::as_one_group(weights_.shared_w1),
                             detail::as_one_group(weights_.shared_w3), detail::as_one_group(weights_.shared_w2), ctx.h1,
-                            ctx.h3, y, true, options_.gemm);
+                            ctx.h3, ctx.y, false, options_.gemm);
+  core::gemm(space_, 'N', 'T', T(1), x, weights_.shared_gate, T(0), ctx.gate, options_.gemm);
+  const auto gate = ctx.gate;
+  const auto ys = ctx.y;
+  Kokkos::parallel_for(
+      "kmoe::shared::gate", Kokkos::RangePolicy<ExecSpace, Kokkos::IndexType<std::int64_t>>(space_, 0, n),
+      KOKKOS_LAMBDA(const std::int64_t t) { gate(t, 0) = T(core::detail::sigmoid(A(gate(t, 0)))); });
+  Kokkos::parallel_for(
+      "kmoe::shared::add_gated", core::detail::Range2D<ExecSpace>(space_, {0, 0}, {n, std::int64_t(x.extent(1))}),
+      KOKKOS_LAMBDA(const std::int64_t t, const std::int64_t j) {
+        y(t, j) = T(A(y(t, j)) + A(gate(t, 0)) * A(ys(t, j)));
+      });
+  space_.fence();
   return ctx;
 }
 
 template <class T, class ExecSpace>
 void MoeLayer<T, ExecSpace>::shared_backward(const ExpertContext<T, ExecSpace>& ctx, const_matrix dy, matrix dx,
-                                             matrix d_w1, matrix d_w3, matrix d_w2) const {
+                                             matrix d_w1, matrix d_w3, matrix d_w2, matrix d_gate) const {
   if (!weights_.has_shared()) return;
+  if (!weights_.has_shared_gate()) {
+    core::grouped_mlp_backward(space_, ctx.x, ctx.offsets, detail::as_one_group(weights_.shared_w1),
+                               detail::as_one_group(weights_.shared_w3), detail::as_one_group(weights_.shared_w2),
+                               ctx.h1, ctx.h3, dy, dx, detail::as_one_group(d_w1), detail::as_one_group(d_w3),
+                               detail::as_one_group(d_w2), true, options_.gemm);
+    return;
+  }
+  // y += s * ys with s = sigmoid(z), z = x·g: dys = s dy; dz = (dy·ys) s (1 - s); dg = dzᵀ x; dx += dz g.
+  using A = core::accum_t<T>;
+  const std::int64_t n = ctx.x.extent(0), h = ctx.x.extent(1);
+  matrix dys = detail::uninit<matrix>("kmoe::shared::dy", n, h);
+  matrix dz = detail::uninit<matrix>("kmoe::shared::dz", n, 1);
+  const auto gate = ctx.gate;
+  const auto ys = ctx.y;
+  Kokkos::parallel_for(
+      "kmoe::shared::gate_backward", Kokkos::RangePolicy<ExecSpace, Kokkos::IndexType<std::int64_t>>(space_, 0, n),
+      KOKKOS_LAMBDA(const std::int64_t t) {
+        const A s = A(gate(t, 0));
+        A dot = 0;
+        for (std::int64_t j = 0; j < h; ++j) {
+          dot += A(dy(t, j)) * A(ys(t, j));
+          dys(t, j) = T(s * A(dy(t, j)));
+        }
+        dz(t, 0) = T(dot * s * (A(1) - s));
+      });
+  space_.fence();
+  if (d_gate.extent(0) != 0) core::gemm(space_, 'T', 'N', T(1), dz, ctx.x, T(0), d_gate, options_.gemm);
+  core::gemm(space_, 'N', 'N', T(1), dz, weights_.shared_gate, T(1), dx, options_.gemm);
   core::grouped_mlp_backward(space_, ctx.x, ctx.offsets, detail::as_one_group(weights_.shared_w1),
                              detail::as_one_group(weights_.shared_w3), detail::as_one_group(weights_.shared_w2),
-                             ctx.h1, ctx.h3, dy, dx, detail::as_one_group(d_w1), detail::as_one_group(d_w3),
+                             ctx.h1, ctx.h3, dys, dx, detail::as_one_group(d_w1), detail::as_one_group(d_w3),
                              detail::as_one_group(d_w2), true, options_.gemm);
 }
 
@@ -250,7 +341,7 @@ void MoeLayer<T, ExecSpace>::forward(const_matrix x, matrix y) {
     experts_.h3 = detail::uninit<matrix>("kmoe::expert::h3", plan.num_rows(), f);
     experts_.y = detail::uninit<matrix>("kmoe::expert::y", plan.num_rows(), hidden);
     core::scatter_mlp_forward(space_, x, plan, weights_.w1, weights_.w3, weights_.w2, experts_.h1, experts_.h3,
-                              experts_.y, options_.gemm, options_.tile_rows);
+                              experts_.y, options_.gemm, options_.tile_rows, expert_extras());
     combine(experts_.y, routing_, y, false, false);
   } else {
     experts_ = expert_forward(dispatch(x, routing_, true), plan.padded_offsets_host);
@@ -294,16 +385,19 @@ void MoeLayer<T, ExecSpace>::backward_zeroed(const_matrix dy, const MoeBackward<
   if (options_.impl == ExpertImpl::Scatter) {
     core::scatter_mlp_backward(space_, x_, plan, routing_.topk_weight, dy, weights_.w1, weights_.w3, weights_.w2,
                                experts_.h1, experts_.h3, experts_.y, out.dx, out.grads.w1, out.grads.w3,
-                               out.grads.w2, d_topk_weight, options_.gemm, options_.tile_rows);
+                               out.grads.w2, d_topk_weight, options_.gemm, options_.tile_rows, expert_extras(),
+                               {out.grads.w1_bias, out.grads.w3_bias, out.grads.w2_bias});
   } else {
     matrix dy_rows = detail::uninit<matrix>("kmoe::dy_rows", plan.num_padded_rows(), x_.extent(1));
     combine_backward(dy, experts_.y, routing_, dy_rows, d_topk_weight, true);
     matrix d_rows = detail::uninit<matrix>("kmoe::d_rows", plan.num_padded_rows(), x_.extent(1));
-    expert_backward(experts_, dy_rows, d_rows, out.grads.w1, out.grads.w3, out.grads.w2);
+    expert_backward(experts_, dy_rows, d_rows, out.grads.w1, out.grads.w3, out.grads.w2, out.grads.w1_bias,
+                    out.grads.w3_bias, out.grads.w2_bias);
     dispatch_backward(d_rows, routing_, out.dx, true, false);
   }
-  route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router);
-  shared_backward(shared_, dy, out.dx, out.grads.shared_w1, out.grads.shared_w3, out.grads.shared_w2);
+  route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router, out.grads.router_bias);
+  shared_backward(shared_, dy, out.dx, out.grads.shared_w1, out.grads.shared_w3, out.grads.shared_w2,
+                  out.grads.shared_gate);
   Kokkos::Profiling::popRegion();
 }
 
