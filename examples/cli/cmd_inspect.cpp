@@ -18,13 +18,9 @@ const char* const kHelp =
     "usage: kmoe inspect PATH\n\n"
     "List the tensors of a .safetensors file (name, dtype, shape, bytes) and its metadata, or of a Hugging Face\n"
     "checkpoint directory (config.json + model.safetensors or model.safetensors.index.json and shards), with the\n"
-    "architecture, kmoe's model spec for it (routing, expert and shared-expert variants) and the MoE layers found.
-
-"
-    "exit codes: 0 ok, 1 bad input (corrupt or missing file, a path the system refuses; the message names the file
-"
-    "and tensor), 2 bad usage
-";
+    "architecture, kmoe's model spec for it (routing, expert and shared-expert variants) and the MoE layers found.\n\n"
+    "exit codes: 0 ok, 1 bad input (corrupt or missing file, a path the system refuses; the message names the file\n"
+    "and tensor), 2 bad usage\n";
 
 struct Row {
   std::string name, dtype, shape, bytes, file;
