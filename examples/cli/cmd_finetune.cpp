@@ -9,10 +9,12 @@
 #include <kmoe/comm/expert_parallel.hpp>
 #include <kmoe/comm/gradients.hpp>
 #include <kmoe/comm/mpi_communicator.hpp>
+#include <kmoe/comm/router_losses.hpp>
 #if KMOE_ENABLE_NCCL
 #include <kmoe/comm/nccl_communicator.hpp>
 #endif
 #include <kmoe/core/progress.hpp>
+#include <kmoe/core/router_losses.hpp>
 #include <kmoe/io/checkpoint.hpp>
 #include <kmoe/io/hdf5_checkpoint.hpp>
 #include <kmoe/io/model_spec.hpp>
@@ -40,14 +42,16 @@ const char* const kHelp =
     "       mpirun -np P kmoe finetune ... (expert parallelism: each rank owns a contiguous range of experts)\n\n"
     "Fine-tunes every MoE block of a Hugging Face checkpoint (router, experts, shared expert) for N steps with AdamW\n"
     "(decoupled weight decay, clipping by the global gradient norm) on a layer-wise objective: the mean squared error\n"
-    "between each block's output and a target, averaged over layers and tokens.\n"
+    "between each block's output and a target, averaged over layers and tokens, plus optional router losses\n"
+    "(--aux-loss-coef, --z-loss-coef).\n"
     "  - without --data, a synthetic task that runs on any checkpoint: each layer fits the outputs of a perturbed copy\n"
     "    of itself (weights times 1 + perturb * N(0,1)) on seeded random hidden states N(0,1): a fixed data set of\n"
     "    --batches batches of --tokens tokens, cycled; the inputs depend only on (seed, batch, layer), so losses are\n"
     "    the same for any rank count;\n"
     "  - with --data FILE, recorded hidden states: safetensors with layers.{i}.x (inputs) and layers.{i}.y (targets)\n"
     "    of shape [..., hidden] for every MoE layer i; all tokens every step.\n"
-    "Prints the loss and the wall time per step (and a progress bar on a terminal), saves sharded HDF5 checkpoints RUN_DIR/checkpoint-K\n"
+    "Prints the loss (and the router losses when on) and the wall time per step (and a progress bar on a terminal),\n"
+    "saves sharded HDF5 checkpoints RUN_DIR/checkpoint-K\n"
     "(every --save-every K steps and at the end; docs/checkpoint-format.md), and converts the last one into RUN_DIR/hf,\n"
     "a Hugging Face directory: non-MoE tensors byte-identical to HF_DIR, MoE tensors trained (rounded to the\n"
     "checkpoint's dtype). With --steps 0 the loaded weights are saved unchanged (RUN_DIR/hf reproduces HF_DIR).\n\n"
@@ -68,6 +72,11 @@ const char* const kHelp =
     "                          precision: 1.2e-38 for f32); lr / (1 - beta1) and lr * weight_decay must also be\n"
     "                          finite in the precision\n"
     "  --clip X                clip gradients to global L2 norm X (default 1.0; 0 = no clipping; >= 0)\n"
+    "  --aux-loss-coef X       add X times the load-balancing loss (Switch/Mixtral, transformers'\n"
+    "                          load_balancing_loss_func over all MoE layers' tokens of the step, all ranks) to the\n"
+    "                          objective (default 0: off; >= 0; Mixtral's router_aux_loss_coef is 0.02)\n"
+    "  --z-loss-coef X         add X times the router z-loss (ST-MoE: mean over the same tokens of\n"
+    "                          logsumexp(router logits)^2) to the objective (default 0: off; >= 0)\n"
     "  --ep E                  ranks per expert-parallel group (default: all ranks; the rest are replicas; >= 1)\n"
     "  --data FILE             recorded hidden states (see above) instead of the synthetic task\n"
     "  --tokens T              synthetic task: tokens per step over all ranks (default 256; >= 1, and a step's\n"
@@ -98,6 +107,7 @@ struct Settings {
   std::uint64_t seed = 0;
   double clip = 1.0, perturb = 0.1;
   moe::AdamWOptions adamw;
+  core::RouterLossCoefficients router_loss;  ///< --aux-loss-coef, --z-loss-coef
   int ep = 0;
   bool resume = false, convert = true;
   moe::MoeOptions options;  ///< the blocks' engine (top_k comes from the checkpoint)
@@ -329,6 +339,7 @@ class Trainer {
     layout_ = std::make_unique<comm::ExpertParallel>(world_, hf_.config().num_experts, s.ep);
     moe::MoeOptions options = s.options;
     options.top_k = hf_.config().top_k;
+    top_k_ = options.top_k;
 
     fs::path resume_from;
     if (s.resume) resume_from = resume_point(s.run_dir);
@@ -387,7 +398,8 @@ class Trainer {
     if (s_.steps == start_step_) last = resumed_from_.empty() ? save(start_step_) : resumed_from_;
     for (std::int64_t step = start_step_ + 1; step <= s_.steps; ++step) {
       const auto t0 = std::chrono::steady_clock::now();
-      const auto [loss, norm] = train_step(step);  // ends with the optimizer's fence: the step's work is done
+      const StepResult r = train_step(step);  // ends with the optimizer's fence: the step's work is done
+      const double loss = r.loss, norm = r.norm;
       const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       // loss and norm are global (the same on every rank): a non-finite one means the weights or the inputs are no
       // longer numbers, and every later step and save would carry that silently.
@@ -395,10 +407,14 @@ class Trainer {
                        norm, " are not finite (training diverged: a smaller --lr? or non-finite values in the ",
                        s_.data.empty() ? "checkpoint" : "checkpoint or --data", "); nothing of this step is saved");
       if (root) {
-        char line[200];
-        std::snprintf(line, sizeof line, "step %lld/%lld loss %.9e grad_norm %.6e time_ms %.3f\n",
-                      static_cast<long long>(step), static_cast<long long>(s_.steps), loss, norm, ms);
-        std::cout << line << std::flush;
+        char line[300];
+        int n = std::snprintf(line, sizeof line, "step %lld/%lld loss %.9e grad_norm %.6e time_ms %.3f",
+                              static_cast<long long>(step), static_cast<long long>(s_.steps), loss, norm, ms);
+        // With router losses: the block objective and the two losses unscaled (transformers' aux_loss).
+        if (s_.router_loss.any())
+          std::snprintf(line + n, sizeof line - n, " mse %.9e aux_loss %.9e z_loss %.9e", r.mse, r.load_balancing,
+                        r.z_loss);
+        std::cout << line << "\n" << std::flush;
       }
       bar.update(step - start_step_);
       if ((s_.save_every > 0 && step % s_.save_every == 0) || step == s_.steps) last = save(step);
@@ -460,15 +476,49 @@ class Trainer {
     }
   }
 
-  // One optimizer step over all layers: returns the loss (before the update) and the gradient norm (before clipping).
-  std::pair<double, double> train_step(std::int64_t step) {
+  /// What a step reports (all global: the same on every rank).
+  struct StepResult {
+    double loss = 0;            ///< the objective: mse + coef_lb * load_balancing + coef_z * z_loss
+    double norm = 0;            ///< the gradient norm before clipping
+    double mse = 0;             ///< the blocks' mean squared error
+    double load_balancing = 0;  ///< over every layer's tokens of the step (transformers' concatenation), all ranks
+    double z_loss = 0;
+  };
+
+  /// The router logits of a student's last forward ([T,E], grad_value_t<C>): the bf16 block's without asking for
+  /// its plan on the host.
+  auto router_logits(const Block& b) const {
+    if constexpr (std::is_same<C, bf16>::value)
+      return b.layer().router_logits();
+    else
+      return b.routing().logits;
+  }
+
+  // One optimizer step over all layers: the loss (before the update) and the gradient norm (before clipping).
+  // Without router losses each layer's backward follows its forward. With them, the losses' statistics cover every
+  // layer and every rank, so all forwards (and one allreduce of the statistics) come before the backwards.
+  StepResult train_step(std::int64_t step) {
     const std::int64_t H = hf_.config().hidden_size;
     const std::int64_t rows = s_.data.empty() ? s_.tokens : data_rows_;
     const auto part = comm::contiguous_split(rows, world_.size(), world_.rank());
     const double scale = 1.0 / (static_cast<double>(layers_.size()) * static_cast<double>(rows) * static_cast<double>(H));
+    const bool router_losses = s_.router_loss.any();
     comm::GradientSet grads(*layout_);
     std::vector<moe::MoeBackward<C, Space>> backs;
-    double loss = 0;
+    std::vector<cmatrix> dys;  // with router losses: each layer's dy until its backward
+    core::RouterLossStats stats;
+    using logits_matrix = typename moe::MoeViews<moe::grad_value_t<C>, Space>::matrix;
+    auto add_gradients = [&](std::size_t l) {
+      // Named per layer: one set over every layer, so the norm and the clipping are global.
+      const auto& g = backs.back().grads;
+      const std::string p = "layer" + std::to_string(layers_[l]) + ".";
+      moe::for_each_weight_pair(g, g, [&](const auto& v, const auto&, const char* name) {
+        const std::string n = name;
+        if (v.span() == 0) return;  // a tensor the architecture lacks (shared expert, biases, gate)
+        grads.add(p + n, v, moe::is_expert_tensor(n) ? comm::GradKind::expert : comm::GradKind::replicated);
+      });
+    };
+    StepResult r;
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       cmatrix x, target;
       if (s_.data.empty()) {
@@ -484,19 +534,35 @@ class Trainer {
       }
       const cmatrix y = students_[l]->forward(x);
       cmatrix dy(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("dy")), part.count, H);
-      loss += mse_and_gradient<C, Space>(y, target, dy, scale);
-      backs.push_back(students_[l]->backward(dy));
-      // Named per layer: one set over every layer, so the norm and the clipping are global.
-      const auto& g = backs.back().grads;
-      const std::string p = "layer" + std::to_string(layers_[l]) + ".";
-      moe::for_each_weight_pair(g, g, [&](const auto& v, const auto&, const char* name) {
-        const std::string n = name;
-        if (v.span() == 0) return;  // a tensor the architecture lacks (shared expert, biases, gate)
-        grads.add(p + n, v, moe::is_expert_tensor(n) ? comm::GradKind::expert : comm::GradKind::replicated);
-      });
+      r.mse += mse_and_gradient<C, Space>(y, target, dy, scale);
+      if (router_losses) {
+        core::router_loss_statistics(Space(), router_logits(*students_[l]), top_k_, stats);
+        dys.push_back(dy);
+      } else {
+        backs.push_back(students_[l]->backward(dy));
+        add_gradients(l);
+      }
+    }
+    if (router_losses) {
+      comm::allreduce_router_loss_stats(world_, stats);  // the statistics of the step's global batch
+      r.load_balancing = stats.load_balancing_loss();
+      r.z_loss = stats.z_loss();
+      for (std::size_t l = 0; l < layers_.size(); ++l) {
+        const logits_matrix logits = router_logits(*students_[l]);
+        logits_matrix d_logits(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("d_logits")),
+                               logits.extent(0), logits.extent(1));
+        core::router_loss_backward(Space(), logits, stats, s_.router_loss, d_logits);
+        if constexpr (std::is_same<C, bf16>::value) {
+          // The bf16 block takes no d_logits yet: run() refuses router losses with --precision bf16.
+          KMOE_ASSERT(false, "router losses on the bf16 block");
+        } else {
+          backs.push_back(students_[l]->backward(dys[l], d_logits));
+        }
+        add_gradients(l);
+      }
     }
     grads.reduce();
-    const double norm = s_.clip > 0 ? grads.clip(s_.clip) : grads.global_norm();
+    r.norm = s_.clip > 0 ? grads.clip(s_.clip) : grads.global_norm();
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       optimizers_[l].step(masters_[l], backs[l].grads);
       if constexpr (!std::is_same<C, T>::value) {  // the compute copy follows the masters
@@ -505,8 +571,9 @@ class Trainer {
         });
       }
     }
-    world_.allreduce_sum_host(&loss, 1);  // each rank's tokens are its own: the sum is the mean over all tokens
-    return {loss, norm};
+    world_.allreduce_sum_host(&r.mse, 1);  // each rank's tokens are its own: the sum is the mean over all tokens
+    r.loss = r.mse + core::router_loss(stats, s_.router_loss);
+    return r;
   }
 
   /// A batch in the compute type: the same View when C is T, a converted copy otherwise.
@@ -542,6 +609,8 @@ class Trainer {
                     {"optim.eps", std::to_string(a.eps)},
                     {"optim.weight_decay", std::to_string(a.weight_decay)},
                     {"clip", std::to_string(s_.clip)},
+                    {"aux_loss_coef", std::to_string(s_.router_loss.load_balancing)},
+                    {"z_loss_coef", std::to_string(s_.router_loss.z_loss)},
                     {"task", s_.data.empty() ? "synthetic" : "data:" + s_.data.string()},
                     {"seed", std::to_string(s_.seed)},
                     {"tokens", std::to_string(s_.tokens)},
@@ -579,6 +648,7 @@ class Trainer {
   std::vector<matrix> data_x_, data_y_;
   std::int64_t data_rows_ = 0;
   std::int64_t start_step_ = 0;
+  std::int64_t top_k_ = 0;  // the checkpoint's experts per token (the load-balancing loss's mask)
   fs::path resumed_from_;
 };
 
@@ -603,7 +673,8 @@ void train_on_backend(const Settings& s, comm::Communicator& world, const std::s
 int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   Args args("kmoe finetune", argv_rest,
             {"checkpoint", "steps", "out", "save-every", "lr", "weight-decay", "beta1", "beta2", "eps", "clip", "ep",
-             "data", "tokens", "batches", "perturb", "seed", "precision", "backend", "engine", "comm"},
+             "data", "tokens", "batches", "perturb", "seed", "precision", "backend", "engine", "comm", "aux-loss-coef",
+             "z-loss-coef"},
             {"resume", "no-convert"});
   args.expect_positionals(0, 0, "no positional arguments");
   constexpr long long kMaxCount = 1000000000000;  // steps, batches: 10^12, beyond any run and far from overflow
@@ -637,6 +708,12 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
                    " overflows ", master, " in the AdamW update (lr / (1 - beta1) and lr * weight_decay must be ",
                    "finite)");
   s.clip = args.get_double("clip", 1.0, {0});
+  s.router_loss.load_balancing = args.get_double("aux-loss-coef", 0.0, {0});
+  s.router_loss.z_loss = args.get_double("z-loss-coef", 0.0, {0});
+  // The bf16 CUDA block's backward takes no router-loss gradient (d_logits) yet.
+  KMOE_CHECK_USAGE(!(precision == "bf16" && s.router_loss.any()),
+                   "--aux-loss-coef and --z-loss-coef need --precision f32 or f64 (the bf16 CUDA block does not take "
+                   "a router-loss gradient yet)");
   s.ep = static_cast<int>(args.get_int("ep", 0, 1, kMaxInt));
   s.data = args.get("data", "");
   s.tokens = args.get_int("tokens", 256, 1, std::numeric_limits<long long>::max());

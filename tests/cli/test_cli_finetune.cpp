@@ -54,7 +54,8 @@ TEST(FinetuneArguments, NonFiniteOrOutOfRangeNumbersAreUsageErrorsNamingTheOptio
       {"--perturb", "-0.5"},     {"--ep", "0"},            {"--ep", "4294967297"},  {"--ep", "-1"},
       {"--tokens", "0"},         {"--tokens", "1e11"},     {"--batches", "0"},      {"--seed", "-1"},
       {"--save-every", "1.5"},   {"--save-every", "-2"},   {"--lr", "0x"},          {"--lr", " 1"},
-      {"--steps", "99999999999999999999"}};
+      {"--steps", "99999999999999999999"}, {"--aux-loss-coef", "-0.1"}, {"--aux-loss-coef", "nan"},
+      {"--z-loss-coef", "inf"},   {"--z-loss-coef", "-1"}};
   for (const auto& [option, value] : cases) {
     SCOPED_TRACE(option + " " + value);
     std::string more = "--no-convert " + option + " '" + value + "'";

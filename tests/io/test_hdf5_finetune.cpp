@@ -47,6 +47,59 @@ std::map<int, double> losses(const std::string& out) {
   return r;
 }
 
+/// The value after `key` on each "step S/N ..." line, by step.
+std::map<int, double> field(const std::string& out, const std::string& key) {
+  std::map<int, double> r;
+  const std::regex line("step (\\d+)/\\d+ [^\\n]* " + key + " ([0-9.eE+-]+)");
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), line); it != std::sregex_iterator(); ++it)
+    r[std::stoi((*it)[1].str())] = std::stod((*it)[2].str());
+  return r;
+}
+
+// Router losses (--aux-loss-coef, --z-loss-coef): the objective gains coef_aux * aux_loss + coef_z * z_loss over the
+// step's global batch, so np 1 and np 2 (and 2 replicas) print the same losses; the training curve changes.
+TEST(FinetuneCli, RouterLossesAddToTheObjectiveAndAgreeAcrossRankCounts) {
+  const fs::path hf = hf_dir("mixtral-tiny");
+  kmoe::test::ScratchDir tmp("finetune-router-losses");
+  const std::string common = "finetune --checkpoint " + hf.string() + " --tokens 48 --steps 4 --no-convert --lr 1e-2 ";
+  const std::string coefs = "--aux-loss-coef 0.05 --z-loss-coef 0.01 ";
+  auto plain = mpirun_kmoe(1, common + "--out " + (tmp.path() / "plain").string());
+  ASSERT_EQ(plain.exit_code, 0) << plain.out << plain.err;
+  auto one = mpirun_kmoe(1, common + coefs + "--out " + (tmp.path() / "a").string());
+  ASSERT_EQ(one.exit_code, 0) << one.out << one.err;
+  auto two = mpirun_kmoe(2, common + coefs + "--out " + (tmp.path() / "b").string());
+  ASSERT_EQ(two.exit_code, 0) << two.out << two.err;
+  auto replicas = mpirun_kmoe(2, common + coefs + "--ep 1 --out " + (tmp.path() / "c").string());
+  ASSERT_EQ(replicas.exit_code, 0) << replicas.out << replicas.err;
+  EXPECT_EQ(plain.out.find("aux_loss"), std::string::npos) << "off by default: " << plain.out;
+  const auto l0 = losses(plain.out), l1 = losses(one.out), l2 = losses(two.out), lr = losses(replicas.out);
+  const auto mse = field(one.out, "mse"), aux = field(one.out, "aux_loss"), z = field(one.out, "z_loss");
+  const auto aux2 = field(two.out, "aux_loss"), z2 = field(two.out, "z_loss");
+  ASSERT_EQ(l1.size(), 4u) << one.out;
+  ASSERT_EQ(aux.size(), 4u) << one.out;
+  ASSERT_EQ(aux2.size(), 4u) << two.out;
+  for (const auto& [step, loss] : l1) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    EXPECT_NEAR(l2.at(step), loss, 1e-5 * loss);
+    EXPECT_NEAR(lr.at(step), loss, 1e-5 * loss);
+    EXPECT_NEAR(aux2.at(step), aux.at(step), 1e-6 * aux.at(step));
+    EXPECT_NEAR(z2.at(step), z.at(step), 1e-6 * z.at(step));
+    EXPECT_NEAR(loss, mse.at(step) + 0.05 * aux.at(step) + 0.01 * z.at(step), 1e-6 * loss);
+    // Top-2 of 8 experts: the load-balancing loss is at least 2 (perfect balance), and near it for this router.
+    EXPECT_GE(aux.at(step), 2.0 - 1e-6);
+    EXPECT_LT(aux.at(step), 4.0);
+  }
+  // Step 1 starts from the same weights: the same block error, the loss higher by the router terms.
+  EXPECT_NEAR(mse.at(1), l0.at(1), 1e-6 * l0.at(1));
+  EXPECT_GT(l1.at(1), l0.at(1) + 0.05 * 2.0);
+  // Later steps train on another objective: the block error moves differently.
+  EXPECT_GT(std::abs(mse.at(4) - l0.at(4)), 1e-6 * l0.at(4)) << one.out << plain.out;
+  // The recorded hyperparameters.
+  const auto ck = kmoe::io::Hdf5Checkpoint::open(tmp.path() / "b" / "checkpoint-4");
+  EXPECT_EQ(ck.attributes().at("aux_loss_coef"), "0.050000");
+  EXPECT_EQ(ck.attributes().at("z_loss_coef"), "0.010000");
+}
+
 TEST(FinetuneCli, StepsZeroThenConvertReproducesTheCheckpointForOneTwoThreeRanks) {
   for (const char* set :
        {"mixtral-tiny", "granitemoe-tiny", "granitemoeshared-tiny", "qwen3_moe-tiny", "granitemoehybrid-tiny",

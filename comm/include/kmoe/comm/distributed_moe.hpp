@@ -67,7 +67,10 @@ class DistributedMoe {
   /// Gradients of L = sum(y * dy) (summed over all ranks' tokens once reduce_gradients() has run): dx for this rank's
   /// tokens; grads.router/shared_* = this rank's tokens' share; grads.w1/w3/w2 = the local experts' gradients from
   /// this ep group's tokens. Collective over the ep group.
-  moe::MoeBackward<T, ExecSpace> backward(const_matrix dy);
+  /// \param d_logits [in] optional [T,E] gradient of further terms w.r.t. this rank's router logits (a router loss
+  ///                 of the global batch: core::router_loss_backward with statistics summed over the ranks), added
+  ///                 before the router's GEMMs; empty (the default) for none, InputError on another shape
+  moe::MoeBackward<T, ExecSpace> backward(const_matrix dy, const_matrix d_logits = const_matrix());
 
   /// A GradientSet over `grads` (router and shared expert replicated, w1/w3/w2 expert slices): call reduce() to make
   /// them whole on every rank, then global_norm() / clip(). The set refers to `grads`' views.
@@ -239,11 +242,15 @@ typename DistributedMoe<T, ExecSpace>::matrix DistributedMoe<T, ExecSpace>::forw
 }
 
 template <class T, class ExecSpace>
-moe::MoeBackward<T, ExecSpace> DistributedMoe<T, ExecSpace>::backward(const_matrix dy) {
+moe::MoeBackward<T, ExecSpace> DistributedMoe<T, ExecSpace>::backward(const_matrix dy, const_matrix d_logits) {
   KMOE_CHECK_INPUT(handle_.has_value(), "kmoe::comm::DistributedMoe::backward: no forward() to differentiate");
   KMOE_CHECK_INPUT(dy.extent(0) == x_.extent(0) && dy.extent(1) == x_.extent(1),
                    "kmoe::comm::DistributedMoe::backward: dy is [", dy.extent(0), ",", dy.extent(1), "], expected [",
                    x_.extent(0), ",", x_.extent(1), "]");
+  KMOE_CHECK_INPUT(d_logits.span() == 0 || (d_logits.extent(0) == x_.extent(0) &&
+                                            std::int64_t(d_logits.extent(1)) == layer_.weights().num_experts()),
+                   "kmoe::comm::DistributedMoe::backward: d_logits is [", d_logits.extent(0), ",", d_logits.extent(1),
+                   "], expected [", x_.extent(0), ",", layer_.weights().num_experts(), "]");
   Kokkos::Profiling::pushRegion("kmoe::comm::DistributedMoe::backward[alltoall]");
   const auto& h = *handle_;
   const std::int64_t tokens = x_.extent(0), hidden = x_.extent(1);
@@ -262,7 +269,7 @@ moe::MoeBackward<T, ExecSpace> DistributedMoe<T, ExecSpace>::backward(const_matr
   const matrix dx_rows = dispatch_backward(h, dx_grouped, RowOrder::expert);
   out.dx = matrix(std::string("kmoe::comm::dx"), tokens, hidden);
   layer_.dispatch_backward(dx_rows, routing_, out.dx, false, false);
-  layer_.route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router, out.grads.router_bias);
+  layer_.route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router, out.grads.router_bias, d_logits);
   layer_.shared_backward(shared_, dy, out.dx, out.grads.shared_w1, out.grads.shared_w3, out.grads.shared_w2,
                          out.grads.shared_gate);
   Kokkos::Profiling::popRegion();

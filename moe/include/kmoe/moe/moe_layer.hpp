@@ -261,9 +261,12 @@ class MoeLayer {
   /// As forward(x), writing y into `y` ([T,H], overwritten; InputError on another shape): no allocation of y.
   void forward(const_matrix x, matrix y);
   /// Gradients of L = sum(y * dy) for the last forward(). InputError when dy's shape differs from y's.
-  MoeBackward<T, ExecSpace> backward(const_matrix dy);
-  /// As backward(dy), writing into `out` (dx [T,H] and tensors shaped like the weights; all overwritten).
-  void backward(const_matrix dy, const MoeBackward<T, ExecSpace>& out);
+  /// \param d_logits [in] optional [T,E] gradient of further terms of L w.r.t. the router logits (a router loss,
+  ///                 <kmoe/core/router_losses.hpp>), added before the router's GEMMs: its share of dx and d router
+  ///                 comes with the rest. An empty View (the default) adds nothing; InputError on another shape.
+  MoeBackward<T, ExecSpace> backward(const_matrix dy, const_matrix d_logits = const_matrix());
+  /// As backward(dy, d_logits), writing into `out` (dx [T,H] and tensors shaped like the weights; all overwritten).
+  void backward(const_matrix dy, const MoeBackward<T, ExecSpace>& out, const_matrix d_logits = const_matrix());
   /// The last forward()'s routing (logits for a load-balancing loss, counts per expert).
   const Routing<T, ExecSpace>& routing() const { return routing_; }
   /// The last forward()'s router logits [T,E].
@@ -276,9 +279,11 @@ class MoeLayer {
   /// with options().block).
   Routing<T, ExecSpace> route(const_matrix x) const;
   /// (a') Backward of route: dx += d_logits·G, d_router = d_logitsᵀ·x, d_router_bias = column sums of d_logits
-  /// (overwritten; pass an empty View when the router has no bias).
+  /// (overwritten; pass an empty View when the router has no bias), where d_logits comes from d_topk_weight plus
+  /// `d_logits_add` ([T,E], e.g. a router loss's gradient) when that is not empty.
   void route_backward(const_matrix x, const Routing<T, ExecSpace>& routing, const_matrix d_topk_weight, matrix dx,
-                      matrix d_router, typename views::vector d_router_bias = {}) const;
+                      matrix d_router, typename views::vector d_router_bias = {},
+                      const_matrix d_logits_add = const_matrix()) const;
   /// Gather x's rows into dispatch order: row plan.pair_row[p] (or pair_padded_row with padded; padding rows zero).
   matrix dispatch(const_matrix x, const Routing<T, ExecSpace>& routing, bool padded = false) const;
   /// Backward of dispatch: dx (+)= the sum over each token's k rows of d_rows.
@@ -309,7 +314,7 @@ class MoeLayer {
 
  private:
   /// backward() into gradients that hold zeros.
-  void backward_zeroed(const_matrix dy, const MoeBackward<T, ExecSpace>& out);
+  void backward_zeroed(const_matrix dy, const MoeBackward<T, ExecSpace>& out, const_matrix d_logits);
 
   MoeWeights<T, ExecSpace> weights_;
   MoeOptions options_;

@@ -220,12 +220,16 @@ void routing_forward(const XV& x, const GV& gate, const LV& logits, const PV& pr
 /// \param d_gate        [out] [E,H]
 /// \param d_router_bias [out] [E], or an empty View when the router has no bias
 /// \param options       [in] the options routing_forward ran with
+/// \param d_logits_add  [in] [T,E] a gradient w.r.t. the logits from elsewhere (a router loss: router_losses.hpp),
+///                      added to d_logits before the GEMMs and the bias sums, or an empty View
 template <class ExecSpace, class XV, class GV, class PV, class IV, class WV, class DWV, class DLV, class DXV,
           class DGV, class DBV>
 void routing_backward(const ExecSpace& space, const XV& x, const GV& gate, const PV& probs, const IV& topk_idx,
                       const WV& topk_weight, const DWV& d_topk_weight, const DLV& d_logits, const DXV& dx,
                       const DGV& d_gate, const DBV& d_router_bias, const RoutingOptions& options,
-                      bool accumulate_dx = true, GemmAlgo algo = GemmAlgo::Auto) {
+                      bool accumulate_dx = true, GemmAlgo algo = GemmAlgo::Auto,
+                      const Kokkos::View<const typename DLV::non_const_value_type**, Kokkos::LayoutRight,
+                                         typename ExecSpace::memory_space>& d_logits_add = {}) {
   detail::static_check_view<PV, 2>();
   detail::static_check_view<IV, 2>();
   detail::static_check_view<WV, 2>();
@@ -247,6 +251,11 @@ void routing_backward(const ExecSpace& space, const XV& x, const GV& gate, const
   detail::check_extent(fn, "d_logits", d_logits, 1, experts);
   const bool has_db = d_router_bias.extent(0) != 0;
   if (has_db) detail::check_extent(fn, "d_router_bias", d_router_bias, 0, experts);
+  const bool has_add = d_logits_add.extent(0) != 0 || d_logits_add.extent(1) != 0;
+  if (has_add) {
+    detail::check_extent(fn, "d_logits_add", d_logits_add, 0, tokens);
+    detail::check_extent(fn, "d_logits_add", d_logits_add, 1, experts);
+  }
   detail::check_routing_options(fn, options, experts, k);
   const bool sigmoid = options.score == ScoreFunction::Sigmoid, over_k = options.softmax_over_topk;
   const bool renorm = options.renormalize;
@@ -293,6 +302,8 @@ void routing_backward(const ExecSpace& space, const XV& x, const GV& gate, const
             d_logits(t, e) = T(A(probs(t, e)) * (dv(s) - p_dot_dp));
           }
         }
+        if (has_add)
+          for (std::int64_t e = 0; e < experts; ++e) d_logits(t, e) = T(A(d_logits(t, e)) + A(d_logits_add(t, e)));
       });
   if (has_db)
     Kokkos::parallel_for(

@@ -150,15 +150,19 @@ Routing<T, ExecSpace> MoeLayer<T, ExecSpace>::route(const_matrix x) const {
 template <class T, class ExecSpace>
 void MoeLayer<T, ExecSpace>::route_backward(const_matrix x, const Routing<T, ExecSpace>& routing,
                                             const_matrix d_topk_weight, matrix dx, matrix d_router,
-                                            typename views::vector d_router_bias) const {
+                                            typename views::vector d_router_bias,
+                                            const_matrix d_logits_add) const {
   auto d_logits = detail::uninit<matrix>("kmoe::d_logits", routing.probs.extent(0), routing.probs.extent(1));
-  if (weights_.routing.is_default() && d_router_bias.extent(0) == 0)
+  if (d_logits_add.span() != 0)
+    detail::check_matrix("kmoe::moe::MoeLayer::route_backward", "d_logits_add", d_logits_add, d_logits.extent(0),
+                         d_logits.extent(1));
+  if (weights_.routing.is_default() && d_router_bias.extent(0) == 0 && d_logits_add.span() == 0)
     core::routing_backward(space_, x, weights_.router, routing.probs, routing.topk_idx, routing.topk_weight,
                            d_topk_weight, d_logits, dx, d_router, true, options_.gemm);
   else
     core::routing_backward(space_, x, weights_.router, routing.probs, routing.topk_idx, routing.topk_weight,
                            d_topk_weight, d_logits, dx, d_router, d_router_bias, weights_.routing, true,
-                           options_.gemm);
+                           options_.gemm, d_logits_add);
 }
 
 template <class T, class ExecSpace>
@@ -353,17 +357,17 @@ void MoeLayer<T, ExecSpace>::forward(const_matrix x, matrix y) {
 }
 
 template <class T, class ExecSpace>
-MoeBackward<T, ExecSpace> MoeLayer<T, ExecSpace>::backward(const_matrix dy) {
+MoeBackward<T, ExecSpace> MoeLayer<T, ExecSpace>::backward(const_matrix dy, const_matrix d_logits) {
   KMOE_CHECK_INPUT(have_forward_, "kmoe::moe::MoeLayer::backward: no forward() to differentiate");
   MoeBackward<T, ExecSpace> out;
   out.grads = zeros_like(weights_);
   out.dx = matrix("kmoe::moe::dx", x_.extent(0), x_.extent(1));
-  backward_zeroed(dy, out);
+  backward_zeroed(dy, out, d_logits);
   return out;
 }
 
 template <class T, class ExecSpace>
-void MoeLayer<T, ExecSpace>::backward(const_matrix dy, const MoeBackward<T, ExecSpace>& out) {
+void MoeLayer<T, ExecSpace>::backward(const_matrix dy, const MoeBackward<T, ExecSpace>& out, const_matrix d_logits) {
   KMOE_CHECK_INPUT(have_forward_, "kmoe::moe::MoeLayer::backward: no forward() to differentiate");
   detail::check_gradient_shapes<T>("kmoe::moe::MoeLayer::backward", out.dx, out.grads, weights_, x_.extent(0));
   // The portable kernels accumulate into dx and some weight gradients: start from zero.
@@ -371,13 +375,17 @@ void MoeLayer<T, ExecSpace>::backward(const_matrix dy, const MoeBackward<T, Exec
   for_each_weight_pair(out.grads, weights_, [&](const auto& g, const auto&, const char*) {
     Kokkos::deep_copy(space_, g, T(0));
   });
-  backward_zeroed(dy, out);
+  backward_zeroed(dy, out, d_logits);
 }
 
 template <class T, class ExecSpace>
-void MoeLayer<T, ExecSpace>::backward_zeroed(const_matrix dy, const MoeBackward<T, ExecSpace>& out) {
+void MoeLayer<T, ExecSpace>::backward_zeroed(const_matrix dy, const MoeBackward<T, ExecSpace>& out,
+                                             const_matrix d_logits) {
   KMOE_CHECK_INPUT(dy.extent(0) == x_.extent(0) && dy.extent(1) == x_.extent(1), "kmoe::moe::MoeLayer::backward: dy is [",
                    dy.extent(0), ",", dy.extent(1), "], expected [", x_.extent(0), ",", x_.extent(1), "]");
+  if (d_logits.span() != 0)
+    detail::check_matrix("kmoe::moe::MoeLayer::backward", "d_logits", d_logits, x_.extent(0),
+                         weights_.num_experts());
   Kokkos::Profiling::pushRegion(options_.impl == ExpertImpl::Scatter ? "kmoe::moe::backward[scatter]"
                                                                      : "kmoe::moe::backward[padded]");
   const auto& plan = routing_.plan;
@@ -395,7 +403,7 @@ void MoeLayer<T, ExecSpace>::backward_zeroed(const_matrix dy, const MoeBackward<
                     out.grads.w3_bias, out.grads.w2_bias);
     dispatch_backward(d_rows, routing_, out.dx, true, false);
   }
-  route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router, out.grads.router_bias);
+  route_backward(x_, routing_, d_topk_weight, out.dx, out.grads.router, out.grads.router_bias, d_logits);
   shared_backward(shared_, dy, out.dx, out.grads.shared_w1, out.grads.shared_w3, out.grads.shared_w2,
                   out.grads.shared_gate);
   Kokkos::Profiling::popRegion();
