@@ -111,13 +111,7 @@ DistributedMoe<bf16, Kokkos::Cuda>::DistributedMoe(const ExpertParallel& layout,
   KMOE_CHECK_USAGE(layout.ep_group().uses_device_memory(), "kmoe::comm::DistributedMoe<bf16, Kokkos::Cuda>: the ",
                    layout.ep_group().backend(), " communicator moves host memory; the bf16 CUDA block needs one that "
                    "moves device memory (NCCL, or MPI over device buffers)");
-  const auto mine = layout.local_experts();
-  const auto& w = layer_.weights();
-  KMOE_CHECK_INPUT(w.num_experts() == layout.placement().num_experts(), "kmoe::comm::DistributedMoe: the router has ",
-                   w.num_experts(), " experts, the placement ", layout.placement().num_experts());
-  KMOE_CHECK_INPUT(w.first_expert == mine.begin && w.num_local_experts() == mine.count,
-                   "kmoe::comm::DistributedMoe: rank ", layout.world().rank(), " holds experts [", w.first_expert, ",",
-                   w.first_expert + w.num_local_experts(), "), its placement is [", mine.begin, ",", mine.end(), ")");
+  detail::check_expert_slice(layout, layer_.weights());
   exchange_ = std::make_unique<detail::CommExchange>(layout.ep_group(), layout.placement());
 }
 

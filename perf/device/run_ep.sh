@@ -21,7 +21,7 @@ summary=()
 note() { summary+=("$1"); echo "== $1"; }
 
 stage_tests() {
-  for t in test_cuda_smoke test_cuda_routing test_cuda_moe test_cuda_moe_layer test_cuda_cutlass; do
+  for t in test_cuda_smoke test_cuda_routing test_cuda_moe test_cuda_moe_layer test_cuda_cutlass test_cuda_router_losses; do
     timeout 300 "$B/tests/$t" --gtest_brief=1 > "$OUT/$t.log" 2>&1
     note "$t: rc $? ($(grep -E '^\[  (PASSED|FAILED)' "$OUT/$t.log" | tr '\n' ' '))"
   done

@@ -11,6 +11,7 @@
 #include <Kokkos_Core.hpp>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -73,6 +74,38 @@ std::vector<unsigned char> host_bytes(const V& v) {
   std::vector<unsigned char> out(h.span() * sizeof(typename V::value_type));
   if (!out.empty()) std::memcpy(out.data(), h.data(), out.size());
   return out;
+}
+
+/// Random bf16-representable problem; the last `dead` experts get no token (x[:,0] = 4 and their gate weighs it -8).
+inline MoeProblem random_problem(std::int64_t tokens, int hidden, int ffn, int experts, int k, int dead, int shared,
+                          unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01(0.f, 1.f);
+  MoeProblem p;
+  p.tokens = tokens;
+  p.hidden = hidden;
+  p.ffn = ffn;
+  p.experts = experts;
+  p.k = k;
+  p.shared_ffn = shared;
+  auto fill = [&](std::vector<float>& v, std::int64_t n, float scale) {
+    v.resize(n);
+    for (auto& f : v) f = scale * n01(rng);
+    v = test::round_bf16(std::move(v));
+  };
+  const float ws = 1.f / std::sqrt(float(hidden));
+  fill(p.x, tokens * hidden, 1.f);
+  fill(p.dy, tokens * hidden, 1.f);
+  fill(p.gate, std::int64_t(experts) * hidden, 4.f * ws);  // spread logits: no near ties between fp32 orders
+  fill(p.w1, std::int64_t(experts) * ffn * hidden, ws);
+  fill(p.w3, std::int64_t(experts) * ffn * hidden, ws);
+  fill(p.w2, std::int64_t(experts) * hidden * ffn, 1.f / std::sqrt(float(ffn)));
+  fill(p.sw1, std::int64_t(shared) * hidden, ws);
+  fill(p.sw3, std::int64_t(shared) * hidden, ws);
+  fill(p.sw2, std::int64_t(hidden) * shared, shared ? 1.f / std::sqrt(float(shared)) : 0.f);
+  for (std::int64_t t = 0; dead > 0 && t < tokens; ++t) p.x[t * hidden] = 4.f;
+  for (int e = experts - dead; e < experts; ++e) p.gate[std::int64_t(e) * hidden] = -8.f;
+  return p;
 }
 
 }  // namespace kmoe::test

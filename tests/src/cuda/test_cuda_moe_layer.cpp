@@ -33,6 +33,7 @@ using test::host_bytes;
 using test::host_f64;
 using test::nan_value;
 using test::weights_of;
+using test::random_problem;
 
 static_assert(Bf16Layer::backend == moe::LayerBackend::Cuda, "MoeLayer<bf16, Cuda> must be the hand-written block");
 static_assert(F32Layer::backend == moe::LayerBackend::Portable, "MoeLayer<float, Cuda> is the portable reference");
@@ -119,38 +120,6 @@ void expect_close(const std::string& label, const LayerRun& got, const LayerRun&
 }
 
 // ---- problems ----------------------------------------------------------------------------------------------------
-
-/// Random bf16-representable problem; the last `dead` experts get no token (x[:,0] = 4 and their gate weighs it -8).
-MoeProblem random_problem(std::int64_t tokens, int hidden, int ffn, int experts, int k, int dead, int shared,
-                          unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n01(0.f, 1.f);
-  MoeProblem p;
-  p.tokens = tokens;
-  p.hidden = hidden;
-  p.ffn = ffn;
-  p.experts = experts;
-  p.k = k;
-  p.shared_ffn = shared;
-  auto fill = [&](std::vector<float>& v, std::int64_t n, float scale) {
-    v.resize(n);
-    for (auto& f : v) f = scale * n01(rng);
-    v = test::round_bf16(std::move(v));
-  };
-  const float ws = 1.f / std::sqrt(float(hidden));
-  fill(p.x, tokens * hidden, 1.f);
-  fill(p.dy, tokens * hidden, 1.f);
-  fill(p.gate, std::int64_t(experts) * hidden, 4.f * ws);  // spread logits: no near ties between fp32 orders
-  fill(p.w1, std::int64_t(experts) * ffn * hidden, ws);
-  fill(p.w3, std::int64_t(experts) * ffn * hidden, ws);
-  fill(p.w2, std::int64_t(experts) * hidden * ffn, 1.f / std::sqrt(float(ffn)));
-  fill(p.sw1, std::int64_t(shared) * hidden, ws);
-  fill(p.sw3, std::int64_t(shared) * hidden, ws);
-  fill(p.sw2, std::int64_t(hidden) * shared, shared ? 1.f / std::sqrt(float(shared)) : 0.f);
-  for (std::int64_t t = 0; dead > 0 && t < tokens; ++t) p.x[t * hidden] = 4.f;
-  for (int e = experts - dead; e < experts; ++e) p.gate[std::int64_t(e) * hidden] = -8.f;
-  return p;
-}
 
 template <class V>
 std::vector<float> flat(const V& view) {

@@ -31,6 +31,20 @@ namespace kmoe::comm {
 template <class T, class ExecSpace>
 moe::MoeWeights<T, ExecSpace> local_slice(const moe::MoeWeights<T, ExecSpace>& full, const ExpertParallel& layout);
 
+namespace detail {
+/// Every DistributedMoe's constructor check: the router has the placement's experts and `w` holds exactly this
+/// rank's slice of them (InputError naming the rank and both ranges otherwise).
+template <class W>
+void check_expert_slice(const ExpertParallel& layout, const W& w) {
+  const auto mine = layout.local_experts();
+  KMOE_CHECK_INPUT(w.num_experts() == layout.placement().num_experts(), "kmoe::comm::DistributedMoe: the router has ",
+                   w.num_experts(), " experts, the placement ", layout.placement().num_experts());
+  KMOE_CHECK_INPUT(w.first_expert == mine.begin && w.num_local_experts() == mine.count,
+                   "kmoe::comm::DistributedMoe: rank ", layout.world().rank(), " holds experts [", w.first_expert, ",",
+                   w.first_expert + w.num_local_experts(), "), its placement is [", mine.begin, ",", mine.end(), ")");
+}
+}  // namespace detail
+
 /// A GradientSet over the gradients of one block under `layout`: router, its bias, the shared expert and its gate
 /// replicated; w1/w3/w2 and their biases expert slices (what DistributedMoe::gradient_set returns). Absent tensors
 /// (empty Views) are left out. The set refers to `g`'s views.
@@ -208,13 +222,7 @@ DistributedMoe<T, ExecSpace>::DistributedMoe(const ExpertParallel& layout, moe::
                    " communicator moves host memory, but ", ExecSpace::name(),
                    " keeps its data on the device: use a host execution space (e.g. --backend openmp), NCCL, or an "
                    "MpiCommunicator made with BufferMemory::device");
-  const auto mine = layout.local_experts();
-  const auto& w = layer_.weights();
-  KMOE_CHECK_INPUT(w.num_experts() == layout.placement().num_experts(), "kmoe::comm::DistributedMoe: the router has ",
-                   w.num_experts(), " experts, the placement ", layout.placement().num_experts());
-  KMOE_CHECK_INPUT(w.first_expert == mine.begin && w.num_local_experts() == mine.count,
-                   "kmoe::comm::DistributedMoe: rank ", layout.world().rank(), " holds experts [", w.first_expert, ",",
-                   w.first_expert + w.num_local_experts(), "), its placement is [", mine.begin, ",", mine.end(), ")");
+  detail::check_expert_slice(layout, layer_.weights());
 }
 
 template <class T, class ExecSpace>
