@@ -191,7 +191,7 @@ TEST(RouterLossLayer, StagesAndEmptyDLogitsAgreeWithBackward) {
   fill_normal(dw, 4);
   layer.route_backward(x, r, dw, dx0, dg);
   Matrix dx1("dx1", T, H), dg1("dg1", E, H);
-  layer.route_backward(x, r, dw, dx1, dg1, d_logits);
+  layer.route_backward(x, r, dw, dx1, dg1, {}, d_logits);
   for (std::int64_t e = 0; e < E; ++e)
     for (std::int64_t h = 0; h < H; ++h) {
       double s = dg(e, h);
@@ -201,7 +201,7 @@ TEST(RouterLossLayer, StagesAndEmptyDLogitsAgreeWithBackward) {
   // Shapes.
   layer.forward(x);
   EXPECT_THROW(layer.backward(dy, Matrix("bad", T, E + 1)), InputError);
-  EXPECT_THROW(layer.route_backward(x, r, dw, dx1, dg1, Matrix("bad", T + 1, E)), InputError);
+  EXPECT_THROW(layer.route_backward(x, r, dw, dx1, dg1, {}, Matrix("bad", T + 1, E)), InputError);
 }
 
 }  // namespace
