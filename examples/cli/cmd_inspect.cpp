@@ -46,8 +46,11 @@ void print_rows(std::ostream& os, const std::vector<Row>& rows, bool with_file) 
   }
 }
 
+/// Names, metadata and paths come from files: printed escaped (no newline or terminal escape reaches the screen).
+std::string shown(const std::string& s) { return kmoe::detail::printable(s, 4096); }
+
 Row row_of(const io::TensorView& t, const std::string& file) {
-  return {t.name, io::dtype_name(t.dtype), t.shape_string(), std::to_string(t.nbytes), file};
+  return {shown(t.name), io::dtype_name(t.dtype), t.shape_string(), std::to_string(t.nbytes), shown(file)};
 }
 
 void print_metadata(std::ostream& os, const io::SafetensorsFile& f) {
@@ -57,7 +60,7 @@ void print_metadata(std::ostream& os, const io::SafetensorsFile& f) {
   }
   os << "metadata:";
   if (f.metadata_entries().empty()) os << " {}";
-  for (const auto& [k, v] : f.metadata_entries()) os << " " << k << "=" << v;  // header order
+  for (const auto& [k, v] : f.metadata_entries()) os << " " << shown(k) << "=" << shown(v);  // header order
   os << "\n";
 }
 
@@ -65,7 +68,7 @@ void inspect_file(const std::filesystem::path& path) {
   const auto f = io::SafetensorsFile::open(path);
   std::uint64_t data = 0;
   for (const auto& t : f.tensors()) data += t.nbytes;
-  std::cout << "file: " << path.string() << " (" << f.file_size() << " bytes: 8 + header " << f.header_size()
+  std::cout << "file: " << shown(path.string()) << " (" << f.file_size() << " bytes: 8 + header " << f.header_size()
             << " + data " << data << ")\n";
   print_metadata(std::cout, f);
   std::cout << "tensors: " << f.tensors().size() << "\n";

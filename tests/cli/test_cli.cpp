@@ -2,6 +2,7 @@
 // and the argument parser every subcommand shares (checked here through kmoe block and kmoe inspect).
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -148,6 +149,34 @@ TEST(CliPaths, BlockNeverWritesOverItsInputs) {
   EXPECT_EQ(r.exit_code, 2) << r.out << r.err;
   EXPECT_NE(r.err.find("--checkpoint"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(ck / "model.safetensors"));
+}
+
+// Tensor names and metadata come from the file: inspect prints them escaped, so a newline cannot forge a line and a
+// terminal escape never reaches the screen.
+TEST(CliPaths, InspectPrintsNamesAndMetadataEscaped) {
+  ScratchDir tmp("cli-inspect-escaped");
+  const std::string name = "evil\n\x1b[31mred";
+  const std::string header = "{\"__metadata__\":{\"note\":\"a\\u001b[2Jb\"},\"" +
+                             std::string("evil\\n\\u001b[31mred") + "\":{\"dtype\":\"F32\",\"shape\":[1],"
+                             "\"data_offsets\":[0,4]}}";
+  const fs::path file = tmp.path() / "evil.safetensors";
+  {
+    std::ofstream f(file, std::ios::binary);
+    const std::uint64_t n = header.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << header;
+    f.write("\0\0\0\0", 4);
+  }
+  const auto r = run_kmoe("inspect " + q(file));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out.find('\x1b'), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find(name), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("evil"), std::string::npos) << r.out;
+  for (std::size_t at = 0, line = 0; at < r.out.size(); ++line) {  // no line starts with the name's tail
+    const std::size_t end = r.out.find('\n', at);
+    EXPECT_NE(r.out.compare(at, 3, "red"), 0) << "line " << line << ": " << r.out;
+    at = end == std::string::npos ? r.out.size() : end + 1;
+  }
 }
 
 TEST(CliSizes, APaddedBlockBeyondTheMachinesMemoryIsRefusedBeforeAllocating) {
