@@ -1,6 +1,6 @@
 // MoeLayer<bf16, Kokkos::Cuda>: the MoE block composed once from kmoe's CUDA primitives (core/cuda/kernels.hpp, an
 // internal header), for one GPU and under expert parallelism. The Kokkos side checks shapes, owns the workspaces and
-// passes view.data() and the space's stream (STYLE habit 4); the policy (engine, workspace, saved state) lives here.
+// passes view.data() and the space's stream; the policy (engine, workspace, saved state) lives here.
 #include <kmoe/moe/cuda/moe_layer.hpp>
 
 #include <kmoe/core/cuda/check.hpp>

@@ -24,7 +24,7 @@ struct Shape {
 };
 
 // Mixtral-8x7B-like and fine-grained (DeepSeek/Qwen-MoE-like) layers; tokens = one training micro-batch.
-// The last three are issue 10's shapes (peers.py times transformers on the same ones).
+// The last three are the peer-table shapes (peers.py times transformers on the same ones).
 const Shape kShapes[] = {
     {"mixtral_T4096", 4096, 4096, 14336, 8, 2},
     {"finegrained_T8192", 8192, 2048, 1536, 64, 8},

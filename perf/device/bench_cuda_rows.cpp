@@ -1,4 +1,4 @@
-// Issue 10's bandwidth goal: kmoe's row-movement kernels (gather, combine, ⟨dy, out⟩) against a device-to-device
+// The bandwidth goal: kmoe's row-movement kernels (gather, combine, ⟨dy, out⟩) against a device-to-device
 // copy of the same bytes measured in the same benchmark (the goal: >= 90% of the copy rate).
 // Bytes = what the kernel must read + write once (index/weight arrays included); the copy moves the same total
 // (half read, half written). CUDA events, median of the iterations; random data; the row order is a random
@@ -28,7 +28,7 @@ struct Shape {
   std::int64_t tokens;
   int hidden, k;
 };
-// issue 10's shapes (rows of H values; the expert ffn does not enter these kernels)
+// the peer-table shapes (rows of H values; the expert ffn does not enter these kernels)
 const Shape kShapes[] = {
     {"mixtral_T8192", 8192, 4096, 2},
     {"mixtral_T2048", 2048, 4096, 2},

@@ -1,4 +1,4 @@
-// Every expert GEMM of the MoE block on issue 10's shapes, three engines side by side in one process: the CUTLASS
+// Every expert GEMM of the MoE block on the peer-table shapes, three engines side by side in one process: the CUTLASS
 // grouped engine (one launch per op, sizes on the device), the cuBLAS engine (cublasGemmEx per expert, exactly the
 // code moe_block runs: detail::grouped_gemm_cublas) and kmoe's own grouped kernel. Plain main: a table on stdout,
 // then one JSON line per (shape, op, engine).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 10's table: kmoe against the peers and the dense roofline, from the JSON lines of perf/device/peers.py and of
+"""The peer table: kmoe against the peers and the dense roofline, from the JSON lines of perf/device/peers.py and of
 kmoe's GPU benchmark (same schema, impl "kmoe-scatter" / "kmoe-padded"); and the correctness check of a kmoe output
 against the peer dump of the same run.
 
@@ -19,7 +19,7 @@ import math
 import signal
 import sys
 
-# Issue 10's goals: kmoe forward+backward time (ms) per (shape, T); memory goal: extra <= the best peer's.
+# The goals: kmoe forward+backward time (ms) per (shape, T); memory goal: extra <= the best peer's.
 GOALS_MS = {("mixtral", 8192): 26.0, ("mixtral", 2048): 7.0, ("finegrained", 8192): 3.6}
 SHAPE_ORDER = [("mixtral", 8192), ("mixtral", 2048), ("finegrained", 8192)]
 CHECK_NAMES = ["y", "dx", "grad.gate", "grad.w1", "grad.w3", "grad.w2"]

@@ -58,7 +58,7 @@ struct Shape {
   int hidden, ffn, experts, k;
 };
 
-// peers.py MODELS / SHAPES (issue 10).
+// peers.py MODELS / SHAPES (the peer table).
 const Shape kShapes[] = {
     {"mixtral-T8192", "mixtral", 8192, 4096, 14336, 8, 2},
     {"mixtral-T2048", "mixtral", 2048, 4096, 14336, 8, 2},

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where one step of kmoe's CUDA block spends its GPU time, from Nsight Compute counters (issue 10, deliverable 2).
+"""Where one step of kmoe's CUDA block spends its GPU time, from Nsight Compute counters (per kernel class).
 
     ncu --csv --page raw --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum,\
 dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,\

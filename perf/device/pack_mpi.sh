@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU-machine half of the MPI + NCCL GPU build (the NCCL one-rank tests, bench_alltoall --backend nccl,
-# kmoe finetune --backend cuda, the multi-GPU runs of issue 11). Like pack.sh, but MPI, NCCL and HDF5 on, and the
+# kmoe finetune --backend cuda, the multi-GPU runs). Like pack.sh, but MPI, NCCL and HDF5 on, and the
 # Open MPI runtime carried along (the device image has CUDA's libnccl but no MPI we can rely on):
 #   .carry/kmoe-gpu-mpi-build.tgz   BUILD/bin + ctest files + carry-lib (the shared libraries the binaries and
 #                                   Open MPI's components need, minus glibc/libstdc++/CUDA, which the device has)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Peer half of issue 10's device perf script: times Hugging Face transformers' MixtralSparseMoeBlock (experts
+"""Peer half of the device perf script: times Hugging Face transformers' MixtralSparseMoeBlock (experts
 implementations `eager` and `grouped_mm`) and a dense bf16 matmul chain of the same expert-GEMM FLOPs (the roofline),
 forward + backward, on the MoE shapes the issue names; optionally dumps weights, inputs and the peer's outputs so kmoe
 can be checked against the peer in the same run.

@@ -3,7 +3,7 @@
 #   1. test_cuda_cutlass: every grouped op vs a float64 host reference and vs kmoe's kernel (correctness first:
 #      DEPENDENCIES.md's CUTLASS 3.4.1 returned wrong results silently with nvcc 13)
 #   2. test_cuda_moe: every block case (random shapes, the oracle, both paths) with each engine, CUTLASS included
-#   3. bench_cutlass_grouped: each GEMM of the block on issue 10's shapes, CUTLASS vs the cuBLAS engine vs the kernel
+#   3. bench_cutlass_grouped: each GEMM of the block on the peer-table shapes, CUTLASS vs the cuBLAS engine vs the kernel
 #   4. moe_peer_bench: the whole block (forward + backward) with --engine cutlass, its CUDA graph, and auto
 #
 #   device run, carry [".carry-NAME"]:  cd .carry-NAME && bash perf/device/run_cutlass.sh [STAGES]

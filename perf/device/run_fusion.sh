@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SwiGLU fused into the kernel engine's GEMM epilogues vs the separate passes, in one device call (perf/NOTES.md,
-# "SwiGLU fused into kmoe's grouped GEMM"): the GPU tests, then fused vs unfused block times on issue 10's shapes
+# "SwiGLU fused into kmoe's grouped GEMM"): the GPU tests, then fused vs unfused block times on the peer-table shapes
 # (kernel engine forced) and on a small-expert shape where Auto picks the kernel engine, then the DRAM bytes of the
 # GEMMs and SwiGLU passes from ncu.
 #

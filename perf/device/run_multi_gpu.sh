@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's device run: expert parallelism over NCCL, one process per GPU, on a multi-GPU kind (nvidia-h200-x2; the
+# The multi-GPU device run: expert parallelism over NCCL, one process per GPU, on a multi-GPU kind (nvidia-h200-x2; the
 # rank count follows the GPUs, so -x4/-x8 work too). NVLink multicast stays off (NCCL_NVLS_ENABLE=0: KINDS.md says why).
 #
 #   here:    perf/device/pack_mpi.sh       # MPI + NCCL + CUDA build with bench_ep_moe, bench_alltoall,
@@ -54,7 +54,7 @@ echo "== device $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } | tee "$log"
 np=${KMOE_NP:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
 if [ "$np" -lt 1 ]; then echo "run_multi_gpu: no GPU listed by nvidia-smi"; exit 1; fi
-[ "$np" -lt 2 ] && echo "run_multi_gpu: only $np GPU: every stage runs on one rank (not issue 11's multi-GPU run)"
+[ "$np" -lt 2 ] && echo "run_multi_gpu: only $np GPU: every stage runs on one rank (not the multi-GPU run)"
 
 echo "== MPI + NCCL build"
 if [ ! -f .carry/kmoe-gpu-mpi-build.tgz ] || [ ! -f perf/device/mpi_env.sh ]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10's device run in one call (device tool, one GPU), plus the one-rank NCCL checks and a CUDA finetune:
+# The peer comparison's device run in one call (device tool, one GPU), plus the one-rank NCCL checks and a CUDA finetune:
 #   1. peers.py: transformers' MixtralSparseMoeBlock (eager, grouped_mm) + the dense roofline on the three shapes;
 #      dumps mixtral-T2048 and finegrained-T8192 (weights, inputs, the peer's outputs, the f32 reference) to a
 #      scratch dir outside $OUT
@@ -136,7 +136,7 @@ fi
 rm -rf "$scratch/dump" "$scratch/k.safetensors"
 
 if want ncu; then
-  # Where the time goes (issue 10, deliverable 2): Nsight Compute counters of every kernel of two steps per shape
+  # Where the time goes (per kernel class): Nsight Compute counters of every kernel of two steps per shape
   # (scatter path, default engine), grouped by perf/device/ncu_breakdown.py.
   echo "== ncu breakdown"
   metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum

@@ -47,7 +47,7 @@ constexpr int kZeroBlocks = 32;
 /// The schedule and tile of every kernel: cooperative (both consumer warpgroups share one 128×256 tile, 64×256
 /// each; the epilogue follows the mainloop). Measured on the H100 against the pingpong schedule with 128×128×64 tiles
 /// (each consumer warpgroup its own tile, epilogue overlapped with the other's mainloop): pingpong ran at 0.47–0.95×
-/// the cooperative speed on 17 of the 18 (shape, op) pairs of issue 10 and 1.08× on one (fine-grained dW13); pingpong
+/// the cooperative speed on 17 of the 18 (shape, op) pairs of the peer table and 1.08× on one (fine-grained dW13); pingpong
 /// with 64×256 tiles for the fp32 weight gradients alone: 0.84× on Mixtral dW13 (perf/NOTES.md, step 7). Not compiled.
 struct Cooperative {
   using Mainloop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;

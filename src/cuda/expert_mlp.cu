@@ -13,7 +13,7 @@ namespace kmoe::core::cuda {
 
 namespace {
 
-/// A profiling range named after the API and the engine taken (STYLE habit 7), e.g. kmoe::expert_mlp_forward[cutlass].
+/// A profiling range named after the API and the engine taken, e.g. kmoe::expert_mlp_forward[cutlass].
 class Range {
  public:
   Range(const char* api, GemmEngine e) {

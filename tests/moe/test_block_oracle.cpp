@@ -1,4 +1,4 @@
-// MoeLayer and `kmoe block` against the transformers oracle (../shared/testdata): every layer of every set, both
+// MoeLayer and `kmoe block` against the transformers oracle (KMOE_TESTDATA_DIR): every layer of every set, both
 // expert paths, Serial and OpenMP, float64 (1e-10 of the *_f64 tensors; 1e-6 of transformers' own where no twin
 // exists) and float32 (1e-5), topk_idx exact. Then the command: its output file, and its errors.
 #include "kernel_test_util.hpp"

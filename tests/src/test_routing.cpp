@@ -1,6 +1,6 @@
 // Routing variants (RoutingOptions): each against a direct, sort-based float64 evaluation; their backward against
 // finite differences (into G, x and the router bias); ties in group selection; option checks. Then every family of the
-// transformers oracle (../shared/testdata): logits, scores, top-k and weights in float64 (1e-10 of the *_f64 tensors)
+// transformers oracle (KMOE_TESTDATA_DIR): logits, scores, top-k and weights in float64 (1e-10 of the *_f64 tensors)
 // and float32 (1e-5), top-k exact, and the router gradient through routing_backward from the oracle's dL/dy.
 #include "kernel_test_util.hpp"
 #include "kmoe_test.hpp"

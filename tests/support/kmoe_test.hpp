@@ -8,7 +8,7 @@
 
 namespace kmoe::test {
 
-/// ../shared/testdata (the transformers oracle), as configured by KMOE_TESTDATA_DIR.
+/// The transformers oracle, as configured by KMOE_TESTDATA_DIR.
 inline std::filesystem::path testdata_dir() { return KMOE_TEST_TESTDATA_DIR; }
 /// The repository's own tiny checkpoint (tests/data).
 inline std::filesystem::path repo_data_dir() { return KMOE_TEST_REPO_DATA_DIR; }

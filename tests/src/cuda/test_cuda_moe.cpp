@@ -1,5 +1,5 @@
 // The CUDA MoE block (bf16 storage, fp32 accumulation), both layouts, against float64 references:
-//  - the transformers oracle (../shared/testdata): every layer of every set, within 1e-2 relative L2 of *_f64,
+//  - the transformers oracle (KMOE_TESTDATA_DIR): every layer of every set, within 1e-2 relative L2 of *_f64,
 //    top-k identical wherever the oracle's probability gap exceeds bf16 resolution;
 //  - random shapes (E = 8 and 64, k = 1, 2, 8, experts with no tokens, T not a multiple of any tile) against a
 //    float64 host reference computed from the same bf16-rounded inputs.

@@ -24,7 +24,7 @@
 /// Data layout: row-major Views in ExecSpace's memory space; x [T,H], router [E,H], w1/w3 [E,F,H], w2 [E,H,F],
 /// shared_w1/w3 [S,H], shared_w2 [H,S]; topk_idx int64.
 ///
-/// Backends (../shared/STYLE.md habit 3): the class template below is the portable implementation (float/double on
+/// Backends: the class template below is the portable implementation (float/double on
 /// any Kokkos space, Kokkos::Cuda included). In CUDA builds, MoeLayer<kmoe::bf16, Kokkos::Cuda> is a specialisation
 /// (<kmoe/moe/cuda/moe_layer.hpp>, included at the end of this header) that runs kmoe's hand-written CUDA block
 /// (bf16 storage, fp32 accumulation, fp32 gradients); MoeLayer<float, Kokkos::Cuda> is its portable counterpart.

@@ -1,5 +1,5 @@
 /// \file moe_layer.hpp
-/// \brief The CUDA backend of kmoe::moe::MoeLayer (../shared/STYLE.md habit 3): MoeLayer<kmoe::bf16, Kokkos::Cuda>
+/// \brief The CUDA backend of kmoe::moe::MoeLayer: MoeLayer<kmoe::bf16, Kokkos::Cuda>
 /// composes the MoE block once from kmoe's CUDA primitives (routing, device dispatch plan, gather, the grouped expert
 /// MLP, combine; bf16 storage, fp32 accumulation) — for one GPU, and under expert parallelism with an ExpertExchange
 /// that moves the expert rows between ranks (kmoe::comm::DistributedMoe<bf16, Kokkos::Cuda> passes one). Chosen by

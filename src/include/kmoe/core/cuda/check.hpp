@@ -1,5 +1,5 @@
 /// \file check.hpp
-/// \brief Checked CUDA and cuBLAS calls (STYLE habit 5): a failing call throws kmoe::InternalError naming the call,
+/// \brief Checked CUDA and cuBLAS calls: a failing call throws kmoe::InternalError naming the call,
 /// the library's error string and file:line.
 ///
 /// Included by kmoe's .cu files and by the Kokkos-side wrappers; needs only the CUDA runtime and cuBLAS headers.

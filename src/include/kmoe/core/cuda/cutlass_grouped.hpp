@@ -6,7 +6,7 @@
 ///
 /// Same semantics as grouped_gemm / grouped_gemm_tn (kernels.hpp) for *unindexed* rows (a_index, b_index, c_index
 /// nullptr: the scattered layout gathers x into expert order first), bf16 in, fp32 accumulate. Raw pointers + a
-/// stream (STYLE habit 4); every function only enqueues work. Built only with KMOE_ENABLE_CUTLASS (CUTLASS headers
+/// stream; every function only enqueues work. Built only with KMOE_ENABLE_CUTLASS (CUTLASS headers
 /// from cmake/deps/fetch_cutlass.sh); otherwise cutlass_grouped_available() is false and the GEMM calls throw
 /// kmoe::UsageError.
 ///

@@ -1,6 +1,6 @@
 /// \file kernels.hpp
-/// \brief kmoe's hand-written CUDA kernels (sm_90; bf16 storage, fp32 accumulation) behind raw pointers and a stream
-/// (STYLE habit 4). The .cu files under src/cuda include only CUDA headers and this header; the Kokkos side passes
+/// \brief kmoe's hand-written CUDA kernels (sm_90; bf16 storage, fp32 accumulation) behind raw pointers and a
+/// stream. The .cu files under src/cuda include only CUDA headers and this header; the Kokkos side passes
 /// `view.data()` and `space.cuda_stream()`.
 ///
 /// Conventions. Every pointer is device memory, row-major. bf16 tensors are passed as their 16-bit patterns

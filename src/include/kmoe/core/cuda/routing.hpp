@@ -1,5 +1,5 @@
 /// \file routing.hpp
-/// \brief The CUDA backend of kmoe::core::routing_forward (STYLE habit 3): an overload on Kokkos::Cuda for bf16 tokens
+/// \brief The CUDA backend of kmoe::core::routing_forward: an overload on Kokkos::Cuda for bf16 tokens
 /// and router weights with fp32 logits/probs/weights, running kmoe's fused CUDA routing kernel.
 /// Other value types on Cuda, and GemmAlgo::Kokkos (the parity switch), take the portable implementation.
 /// <kmoe/core/routing.hpp> includes this header in CUDA builds, so callers get the overload without asking for it.
