@@ -130,17 +130,19 @@ void DistributedMoe<bf16, Kokkos::Cuda>::forward(const_matrix x, matrix y) {
   layer_.forward(x, y, *exchange_);
 }
 
-moe::MoeBackward<bf16, Kokkos::Cuda> DistributedMoe<bf16, Kokkos::Cuda>::backward(const_matrix dy) {
+moe::MoeBackward<bf16, Kokkos::Cuda> DistributedMoe<bf16, Kokkos::Cuda>::backward(const_matrix dy,
+                                                                              Layer::grad_const_matrix d_logits) {
   moe::MoeBackward<bf16, Kokkos::Cuda> out;
   out.dx = moe::MoeViews<float, Kokkos::Cuda>::matrix(
       Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("kmoe::comm::dx")), x_.extent(0), x_.extent(1));
   out.grads = moe::uninitialized_like<float>(layer_.weights());  // the block overwrites every element
-  backward(dy, out);
+  backward(dy, out, d_logits);
   return out;
 }
 
-void DistributedMoe<bf16, Kokkos::Cuda>::backward(const_matrix dy, const moe::MoeBackward<bf16, Kokkos::Cuda>& out) {
-  layer_.backward(dy, out, *exchange_);
+void DistributedMoe<bf16, Kokkos::Cuda>::backward(const_matrix dy, const moe::MoeBackward<bf16, Kokkos::Cuda>& out,
+                                                  Layer::grad_const_matrix d_logits) {
+  layer_.backward(dy, out, *exchange_, d_logits);
 }
 
 void DistributedMoe<bf16, Kokkos::Cuda>::time_exchanges(bool on) { exchange_->set_timing(on); }

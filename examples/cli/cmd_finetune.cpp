@@ -552,12 +552,7 @@ class Trainer {
         logits_matrix d_logits(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("d_logits")),
                                logits.extent(0), logits.extent(1));
         core::router_loss_backward(Space(), logits, stats, s_.router_loss, d_logits);
-        if constexpr (std::is_same<C, bf16>::value) {
-          // The bf16 block takes no d_logits yet: run() refuses router losses with --precision bf16.
-          KMOE_ASSERT(false, "router losses on the bf16 block");
-        } else {
-          backs.push_back(students_[l]->backward(dys[l], d_logits));
-        }
+        backs.push_back(students_[l]->backward(dys[l], d_logits));
         add_gradients(l);
       }
     }
@@ -710,10 +705,6 @@ int run(int argc, char** argv, const std::vector<std::string>& argv_rest) {
   s.clip = args.get_double("clip", 1.0, {0});
   s.router_loss.load_balancing = args.get_double("aux-loss-coef", 0.0, {0});
   s.router_loss.z_loss = args.get_double("z-loss-coef", 0.0, {0});
-  // The bf16 CUDA block's backward takes no router-loss gradient (d_logits) yet.
-  KMOE_CHECK_USAGE(!(precision == "bf16" && s.router_loss.any()),
-                   "--aux-loss-coef and --z-loss-coef need --precision f32 or f64 (the bf16 CUDA block does not take "
-                   "a router-loss gradient yet)");
   s.ep = static_cast<int>(args.get_int("ep", 0, 1, kMaxInt));
   s.data = args.get("data", "");
   s.tokens = args.get_int("tokens", 256, 1, std::numeric_limits<long long>::max());

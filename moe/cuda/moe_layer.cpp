@@ -144,8 +144,8 @@ class CudaBlock {
   /// expert_grads: bf16 storage of the expert weight gradients instead of out.grads.w1/w3/w2 (nullptr: fp32).
   void backward(const kc::bf16_t* x, const MoeWeights<bf16, Kokkos::Cuda>& w, const kc::bf16_t* dy,
                 const MoeBackward<bf16, Kokkos::Cuda>& out,
-                const MoeLayer<bf16, Kokkos::Cuda>::Bf16ExpertGrads* expert_grads, ExpertExchange* ex,
-                const Kokkos::Cuda& space);
+                const MoeLayer<bf16, Kokkos::Cuda>::Bf16ExpertGrads* expert_grads, const float* d_logits_add,
+                ExpertExchange* ex, const Kokkos::Cuda& space);
   std::size_t workspace_bytes() const { return work_.extent(0) + local_work_.extent(0); }
 
  private:
@@ -393,8 +393,8 @@ void CudaBlock::forward(const kc::bf16_t* x, const MoeWeights<bf16, Kokkos::Cuda
 
 void CudaBlock::backward(const kc::bf16_t* x, const MoeWeights<bf16, Kokkos::Cuda>& w, const kc::bf16_t* dy,
                          const MoeBackward<bf16, Kokkos::Cuda>& out,
-                         const MoeLayer<bf16, Kokkos::Cuda>::Bf16ExpertGrads* expert_grads, ExpertExchange* ex,
-                         const Kokkos::Cuda& space) {
+                         const MoeLayer<bf16, Kokkos::Cuda>::Bf16ExpertGrads* expert_grads,
+                         const float* d_logits_add, ExpertExchange* ex, const Kokkos::Cuda& space) {
   cudaStream_t stream = space.cuda_stream();
   const std::int64_t T = tokens_, P = pairs(), H = hidden_;
   const bool padded = opt_.padded;
@@ -461,7 +461,7 @@ void CudaBlock::backward(const kc::bf16_t* x, const MoeWeights<bf16, Kokkos::Cud
     kc::expert_mlp_backward(shared_mlp(w), x, shared_h13_, shared_act_, dy, sg, stream);
   }
   kc::routing_backward(x, bits(w.router.data()), probs_, topk_idx_, topk_weight_, d_w_, T, hidden_, experts_, k_,
-                       d_logits_, out.grads.router.data(), dx, route_work_, stream);
+                       d_logits_, out.grads.router.data(), dx, route_work_, stream, d_logits_add);
 }
 
 }  // namespace detail
@@ -572,38 +572,40 @@ const Routing<bf16, Kokkos::Cuda>& MoeLayer<bf16, Kokkos::Cuda>::routing() const
   return routing_;
 }
 
-MoeBackward<bf16, Kokkos::Cuda> MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy) {
+MoeBackward<bf16, Kokkos::Cuda> MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy, grad_const_matrix d_logits) {
   KMOE_CHECK_INPUT(have_forward_, "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>::backward: no forward() to differentiate");
   MoeBackward<bf16, Kokkos::Cuda> out;
   out.dx = grad_matrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("kmoe::moe::dx")), x_.extent(0),
                        x_.extent(1));
   out.grads = uninitialized_like<float>(weights_);  // the block overwrites every element
-  backward(dy, out);
+  backward(dy, out, d_logits);
   return out;
 }
 
-void MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out) {
+void MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out,
+                                            grad_const_matrix d_logits) {
   KMOE_CHECK_INPUT(!forward_exchanged_, "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>::backward: the last forward ran "
                    "under expert parallelism; call backward(dy, out, exchange)");
-  backward_impl(dy, out, nullptr, nullptr);
+  backward_impl(dy, out, nullptr, nullptr, d_logits);
 }
 
 void MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out,
-                                            const Bf16ExpertGrads& expert_grads) {
+                                            const Bf16ExpertGrads& expert_grads, grad_const_matrix d_logits) {
   KMOE_CHECK_INPUT(!forward_exchanged_, "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>::backward: the last forward ran "
                    "under expert parallelism; call backward(dy, out, exchange)");
-  backward_impl(dy, out, nullptr, &expert_grads);
+  backward_impl(dy, out, nullptr, &expert_grads, d_logits);
 }
 
 void MoeLayer<bf16, Kokkos::Cuda>::backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out,
-                                            ExpertExchange& exchange) {
+                                            ExpertExchange& exchange, grad_const_matrix d_logits) {
   KMOE_CHECK_INPUT(!have_forward_ || forward_exchanged_, "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>::backward: the last "
                    "forward ran on one process; call backward(dy, out)");
-  backward_impl(dy, out, &exchange, nullptr);
+  backward_impl(dy, out, &exchange, nullptr, d_logits);
 }
 
 void MoeLayer<bf16, Kokkos::Cuda>::backward_impl(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out,
-                                                 ExpertExchange* exchange, const Bf16ExpertGrads* expert_grads) {
+                                                 ExpertExchange* exchange, const Bf16ExpertGrads* expert_grads,
+                                                 grad_const_matrix d_logits) {
   constexpr const char* fn = "kmoe::moe::MoeLayer<bf16, Kokkos::Cuda>::backward";
   KMOE_CHECK_INPUT(have_forward_, fn, ": no forward() to differentiate");
   KMOE_CHECK_INPUT(!block_->consumed(), fn,
@@ -630,9 +632,14 @@ void MoeLayer<bf16, Kokkos::Cuda>::backward_impl(const_matrix dy, const MoeBackw
     check_like(expert_grads->w3, weights_.w3, "w3 (bf16)");
     check_like(expert_grads->w2, weights_.w2, "w2 (bf16)");
   }
+  if (d_logits.span() != 0) {
+    detail::check_matrix(fn, "d_logits", d_logits, x_.extent(0), weights_.num_experts());
+    check_contiguous(fn, "d_logits", d_logits);
+  }
   const bool padded = block_->options().padded;
   Kokkos::Profiling::pushRegion(padded ? "kmoe::moe::backward[cuda,padded]" : "kmoe::moe::backward[cuda,scattered]");
-  block_->backward(bits(x_.data()), weights_, bits(dy.data()), out, expert_grads, exchange, space_);
+  block_->backward(bits(x_.data()), weights_, bits(dy.data()), out, expert_grads,
+                   d_logits.span() != 0 ? d_logits.data() : nullptr, exchange, space_);
   Kokkos::Profiling::popRegion();
 }
 

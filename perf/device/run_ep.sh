@@ -128,6 +128,17 @@ stage_finetune() {
     awk 'BEGIN{print "step      loss np1         loss np2      rel diff   ms np1  ms np2"} {d=($2-$4)/$2; if(d<0)d=-d; printf "%-6s %.9e %.9e %.2e %7.2f %7.2f\n", $1, $2, $4, d, $3, $5}'
 }
 
+stage_auxloss() {
+  # finetune on the bf16 block with router losses (their gradient through the block's router backward), np 1 vs 2.
+  rm -rf /tmp/fa1 /tmp/fa2
+  local ck=tests/data/granitemoe-tiny args="--steps 6 --backend cuda --tokens 512 --no-convert --aux-loss-coef 0.01 --z-loss-coef 0.001"
+  mpi1 "$B/kmoe" finetune --checkpoint $ck --out /tmp/fa1 $args > "$OUT/fa_np1.log" 2>&1
+  note "finetune np1 bf16 + router losses: rc $?"
+  $MPIRUN -np 2 "$B/kmoe" finetune --checkpoint $ck --out /tmp/fa2 $args --comm mpi > "$OUT/fa_np2.log" 2>&1
+  note "finetune np2 bf16 + router losses: rc $?"
+  paste <(grep '^step' "$OUT/fa_np1.log") <(grep '^step' "$OUT/fa_np2.log" | awk '{print $4}')
+}
+
 stage_multi() {
   # One rank per GPU over NCCL (nvidia-h200-x2/-x4/-x8): the EP test against one GPU, the weak-scaling table (8192
   # tokens per rank, ep = n), and the main job at scale; NCCL_NVLS_ENABLE=0 comes from mpi_env.sh.

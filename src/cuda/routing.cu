@@ -84,8 +84,9 @@ __global__ void softmax_topk_kernel(const float* __restrict__ logits, std::int64
 /// d_logits from d_topk_weight (one warp per token); also writes d_logits as bf16 with a padded row (GEMM operand).
 __global__ void routing_backward_kernel(const float* __restrict__ probs, const std::int64_t* __restrict__ topk_idx,
                                         const float* __restrict__ topk_weight, const float* __restrict__ d_topk_weight,
-                                        std::int64_t tokens, int experts, int k, float* __restrict__ d_logits,
-                                        bf16_t* __restrict__ dl_bf16, int ld_bf16) {
+                                        const float* __restrict__ d_logits_add, std::int64_t tokens, int experts,
+                                        int k, float* __restrict__ d_logits, bf16_t* __restrict__ dl_bf16,
+                                        int ld_bf16) {
   const int lane = threadIdx.x % 32;
   const std::int64_t t = std::int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (t >= tokens) return;
@@ -106,6 +107,7 @@ __global__ void routing_backward_kernel(const float* __restrict__ probs, const s
       for (int s = 0; s < k; ++s)
         if (topk_idx[t * k + s] == e) dp = (d_topk_weight[t * k + s] - dw_dot_w) / sum_p;
       dl = probs[t * experts + e] * (dp - p_dot_dp);
+      if (d_logits_add) dl += d_logits_add[t * experts + e];  // e.g. a router loss's gradient
       d_logits[t * experts + e] = dl;
     }
     dl_bf16[t * ld_bf16 + e] = detail::float_to_bf16(dl);
@@ -167,7 +169,7 @@ std::size_t routing_backward_workspace_bytes(std::int64_t tokens, int experts) {
 void routing_backward(const bf16_t* x, const bf16_t* gate, const float* probs, const std::int64_t* topk_idx,
                       const float* topk_weight, const float* d_topk_weight, std::int64_t tokens, int hidden,
                       int experts, int k, float* d_logits, float* d_gate, float* dx, void* work,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, const float* d_logits_add) {
   check_routing("kmoe::core::cuda::routing_backward", tokens, experts, k);
   if (tokens == 0) {
     KMOE_CUDA_CHECK(cudaMemsetAsync(d_gate, 0, sizeof(float) * experts * hidden, stream));
@@ -177,7 +179,7 @@ void routing_backward(const bf16_t* x, const bf16_t* gate, const float* probs, c
   auto* dl_bf16 = static_cast<bf16_t*>(work);
   const std::int64_t blocks = (tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
   routing_backward_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream>>>(
-      probs, topk_idx, topk_weight, d_topk_weight, tokens, experts, k, d_logits, dl_bf16, ld);
+      probs, topk_idx, topk_weight, d_topk_weight, d_logits_add, tokens, experts, k, d_logits, dl_bf16, ld);
   KMOE_CUDA_CHECK_LAUNCH("routing_backward_kernel");
   // dx += d_logits·G: [T,E]·[E,H]
   GroupedGemmArgs g;

@@ -1,7 +1,7 @@
 // Router losses (<kmoe/core/router_losses.hpp>) on Kokkos::Cuda: the portable kernels on device Views against the same
 // kernels on host copies (the default host space; fp32 and fp64 logits), on the bf16 CUDA layer's fp32 routing().logits (its own top-k
 // is the losses' mask: the routed counts are its expert counts), and d_logits through the portable
-// MoeLayer<float, Kokkos::Cuda> backward (the router gradient gains d_logitsᵀ·x).
+// MoeLayer<float, Kokkos::Cuda> backward (the router gradient gains d_logitsᵀ·x) and through the bf16 CUDA layer.
 #include "cuda_test.hpp"
 
 #include <kmoe/core/router_losses.hpp>
@@ -154,6 +154,53 @@ TEST(CudaRouterLosses, DLogitsThroughThePortableCudaLayer) {
       den += want * want;
     }
   EXPECT_LT(std::sqrt(num / den), 1e-5);
+}
+
+// The bf16 CUDA layer takes the losses' gradient too: its router gradient gains d_logitsᵀ·x and dx gains d_logits·G,
+// added in the router's backward kernel (the GEMM operand is bf16: within 1e-2 of the float64 terms).
+TEST(CudaRouterLosses, DLogitsThroughTheBf16CudaLayer) {
+  KMOE_REQUIRE_GPU();
+  const std::int64_t T = 300, E = 8, H = 64, F = 32, k = 2;
+  moe::MoeOptions opt;
+  opt.top_k = k;
+  const auto w = random_weights<bf16>(E, H, F, 9);
+  moe::MoeLayer<bf16, Cuda> layer(w, opt);
+  const auto x = random_device<bf16>(T, H, 11, 1.0);
+  const auto dy = random_device<bf16>(T, H, 12, 1.0);
+  const auto d_logits = random_device<float>(T, E, 13, 1.0);
+  layer.forward(x);
+  const auto plain = layer.backward(dy);
+  layer.forward(x);
+  const auto with = layer.backward(dy, d_logits);
+  Kokkos::fence();
+  const auto xh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), x);
+  const auto gh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), w.router);
+  const auto dl = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), d_logits);
+  const auto g0 = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), plain.grads.router);
+  const auto g1 = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), with.grads.router);
+  const auto dx0 = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), plain.dx);
+  const auto dx1 = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), with.dx);
+  double num = 0, den = 0;  // the change of the router gradient against d_logitsᵀ·x
+  for (std::int64_t e = 0; e < E; ++e)
+    for (std::int64_t h = 0; h < H; ++h) {
+      double want = 0;
+      for (std::int64_t t = 0; t < T; ++t) want += double(dl(t, e)) * double(float(xh(t, h)));
+      num += (g1(e, h) - g0(e, h) - want) * (g1(e, h) - g0(e, h) - want);
+      den += want * want;
+    }
+  EXPECT_LT(std::sqrt(num / den), 1e-2) << "router gradient";
+  num = den = 0;  // the change of dx against d_logits·G
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t h = 0; h < H; ++h) {
+      double want = 0;
+      for (std::int64_t e = 0; e < E; ++e) want += double(dl(t, e)) * double(float(gh(e, h)));
+      num += (dx1(t, h) - dx0(t, h) - want) * (dx1(t, h) - dx0(t, h) - want);
+      den += want * want;
+    }
+  EXPECT_LT(std::sqrt(num / den), 1e-2) << "dx";
+  // A d_logits of another shape is refused by name.
+  layer.forward(x);
+  EXPECT_THROW(layer.backward(dy, random_device<float>(T + 1, E, 14, 1.0)), InputError);
 }
 
 }  // namespace

@@ -148,10 +148,12 @@ class DistributedMoe<bf16, Kokkos::Cuda> {
   /// As forward(x), writing into y ([T,H]).
   void forward(const_matrix x, matrix y);
   /// fp32 gradients of L = sum(y * dy), shared out as the portable DistributedMoe's (reduce_gradients makes them
-  /// whole). Collective over the ep group.
-  moe::MoeBackward<bf16, Kokkos::Cuda> backward(const_matrix dy);
+  /// whole). Collective over the ep group. d_logits [T,E] fp32 (optional): added to the router logits' gradient
+  /// (a router loss's gradient for this rank's tokens).
+  moe::MoeBackward<bf16, Kokkos::Cuda> backward(const_matrix dy, Layer::grad_const_matrix d_logits = {});
   /// As backward(dy), writing into `out` (all overwritten).
-  void backward(const_matrix dy, const moe::MoeBackward<bf16, Kokkos::Cuda>& out);
+  void backward(const_matrix dy, const moe::MoeBackward<bf16, Kokkos::Cuda>& out,
+                Layer::grad_const_matrix d_logits = {});
   /// A GradientSet over `grads` (router and shared expert replicated, w1/w3/w2 expert slices).
   GradientSet gradient_set(const moe::MoeBackward<bf16, Kokkos::Cuda>& grads) const;
 

@@ -56,6 +56,7 @@ class MoeLayer<bf16, Kokkos::Cuda> {
   using matrix = views::matrix;
   using const_matrix = views::const_matrix;
   using grad_matrix = MoeViews<float, Kokkos::Cuda>::matrix;
+  using grad_const_matrix = MoeViews<float, Kokkos::Cuda>::const_matrix;
   /// The kernels this layer runs.
   static constexpr LayerBackend backend = LayerBackend::Cuda;
 
@@ -78,9 +79,11 @@ class MoeLayer<bf16, Kokkos::Cuda> {
   /// As forward(x), writing y into `y` ([T,H], overwritten; InputError on another shape).
   void forward(const_matrix x, matrix y);
   /// fp32 gradients of L = sum(y * dy) for the last forward(). InputError when dy's shape differs from y's.
-  MoeBackward<bf16, Kokkos::Cuda> backward(const_matrix dy);
+  /// d_logits [T,E] fp32 (optional): added to the router logits' gradient before the router GEMMs — a router loss's
+  /// gradient (<kmoe/core/router_losses.hpp>) reaches the router weight and dx this way.
+  MoeBackward<bf16, Kokkos::Cuda> backward(const_matrix dy, grad_const_matrix d_logits = {});
   /// As backward(dy), writing into `out` (dx [T,H] and tensors shaped like the weights; all overwritten).
-  void backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out);
+  void backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out, grad_const_matrix d_logits = {});
 
   /// Expert weight gradients stored in bf16 (shaped like w1, w3, w2): what a bf16 PyTorch module's .grad holds. The
   /// GEMMs accumulate in fp32 either way; only the stored result is rounded, which halves the bytes the weight-gradient
@@ -90,7 +93,8 @@ class MoeLayer<bf16, Kokkos::Cuda> {
   };
   /// As backward(dy, out), with the expert weight gradients written to `expert_grads` in bf16; out.grads.w1/w3/w2
   /// are not touched and may be empty.
-  void backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out, const Bf16ExpertGrads& expert_grads);
+  void backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out, const Bf16ExpertGrads& expert_grads,
+                grad_const_matrix d_logits = {});
 
   /// Expert parallelism: the same block with `exchange` moving rows between the ep group's ranks; this layer holds
   /// its rank's expert slice and routes its own tokens (T may differ between ranks, may be 0). Collective over the
@@ -99,7 +103,8 @@ class MoeLayer<bf16, Kokkos::Cuda> {
   void forward(const_matrix x, matrix y, ExpertExchange& exchange);
   /// Gradients for the last forward(x, y, exchange): dx for this rank's tokens, the router and shared expert from
   /// them, the local experts' gradients from every rank's rows routed to them. Collective over the group.
-  void backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out, ExpertExchange& exchange);
+  void backward(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out, ExpertExchange& exchange,
+                grad_const_matrix d_logits = {});
 
   /// The last forward()'s routing: logits, probs, topk_idx, topk_weight (fp32, device) and the plan (device arrays;
   /// plan.block = 128). The first call after a forward() copies the plan's counts and offsets to the host (one
@@ -119,7 +124,7 @@ class MoeLayer<bf16, Kokkos::Cuda> {
  private:
   void forward_impl(const_matrix x, matrix y, ExpertExchange* exchange);
   void backward_impl(const_matrix dy, const MoeBackward<bf16, Kokkos::Cuda>& out, ExpertExchange* exchange,
-                     const Bf16ExpertGrads* expert_grads);
+                     const Bf16ExpertGrads* expert_grads, grad_const_matrix d_logits);
   /// Fills routing_'s Views (unmanaged, over the workspace) after a forward.
   void expose_routing();
 

@@ -58,13 +58,14 @@ void routing_forward(const bf16_t* x, const bf16_t* gate, std::int64_t tokens, i
                      float* logits, float* probs, std::int64_t* topk_idx, float* topk_weight, cudaStream_t stream);
 
 /// Routing backward through renormalisation (top-k selection is a constant) and softmax:
-/// d_logits [T,E] fp32 from d_topk_weight; then d_gate = d_logitsᵀ·x [E,H] fp32 (overwritten) and
-/// dx [T,H] fp32 += d_logits·G.
+/// d_logits [T,E] fp32 from d_topk_weight, plus d_logits_add [T,E] fp32 when given (a router loss's gradient); then
+/// d_gate = d_logitsᵀ·x [E,H] fp32 (overwritten) and dx [T,H] fp32 += d_logits·G.
 /// \param work [scratch] routing_backward_workspace_bytes(T, E) bytes of device memory
 std::size_t routing_backward_workspace_bytes(std::int64_t tokens, int experts);
 void routing_backward(const bf16_t* x, const bf16_t* gate, const float* probs, const std::int64_t* topk_idx,
                       const float* topk_weight, const float* d_topk_weight, std::int64_t tokens, int hidden,
-                      int experts, int k, float* d_logits, float* d_gate, float* dx, void* work, cudaStream_t stream);
+                      int experts, int k, float* d_logits, float* d_gate, float* dx, void* work, cudaStream_t stream,
+                      const float* d_logits_add = nullptr);
 
 // ---- dispatch plan ----------------------------------------------------------------------------------------------
 
