@@ -70,34 +70,12 @@ std::shared_ptr<const Mapping> map_file(const std::filesystem::path& path) {
   return m;
 }
 
-/// Index of the first byte that is not valid UTF-8 (RFC 3629: no overlongs, no surrogates, <= U+10FFFF); n if valid.
+/// Index of the first byte that is not valid UTF-8 (kmoe::detail::utf8_length's rules); n if valid.
 std::size_t utf8_invalid_at(const unsigned char* s, std::size_t n) {
-  std::size_t i = 0;
-  while (i < n) {
-    const unsigned c = s[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    std::size_t len;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF) {
-      len = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      len = 3;
-      if (c == 0xE0) lo = 0xA0;
-      if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      len = 4;
-      if (c == 0xF0) lo = 0x90;
-      if (c == 0xF4) hi = 0x8F;
-    } else {
-      return i;
-    }
-    if (i + len > n) return i;
-    if (s[i + 1] < lo || s[i + 1] > hi) return i;
-    for (std::size_t k = 2; k < len; ++k)
-      if (s[i + k] < 0x80 || s[i + k] > 0xBF) return i;
+  const std::string_view v(reinterpret_cast<const char*>(s), n);
+  for (std::size_t i = 0; i < n;) {
+    const std::size_t len = kmoe::detail::utf8_length(v, i);
+    if (len == 0) return i;
     i += len;
   }
   return n;

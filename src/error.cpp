@@ -4,8 +4,6 @@
 
 namespace kmoe::detail {
 
-namespace {
-
 /// Length of the UTF-8 sequence starting at s[i] (RFC 3629: no overlongs, no surrogates, <= U+10FFFF); 0 if invalid.
 std::size_t utf8_length(std::string_view s, std::size_t i) {
   const auto at = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
@@ -31,6 +29,8 @@ std::size_t utf8_length(std::string_view s, std::size_t i) {
     if (at(i + k) < 0x80 || at(i + k) > 0xBF) return 0;
   return len;
 }
+
+namespace {
 
 void hex_escape(std::string& out, const char* prefix, unsigned v) {
   static const char* hex = "0123456789abcdef";

@@ -30,6 +30,9 @@ inline constexpr std::size_t kMaxMessageBytes = 4096;
 /// rest replaced by "...(N more bytes)". Backslashes are kept as they are.
 std::string printable(std::string_view s, std::size_t max_bytes = 256);
 
+/// Length of the UTF-8 sequence starting at s[i] (RFC 3629: no overlongs, no surrogates, <= U+10FFFF); 0 if invalid.
+std::size_t utf8_length(std::string_view s, std::size_t i);
+
 /// A message as an Error stores it: printable(msg, kMaxMessageBytes).
 std::string one_line(std::string_view msg);
 
