@@ -10,10 +10,13 @@ stages=${1:-tests,ep,perf,bench,block,finetune}
 OUT=${OUT:-/tmp/kmoe-out}
 mkdir -p "$OUT"
 source perf/device/mpi_env.sh > "$OUT/mpi_env.log" 2>&1
-# The binaries carry the absolute paths they were built with (testdata under /work/shared, ctest files /work/main).
-mkdir -p /work
-[ -e /work/main ] || ln -s "$PWD" /work/main
-[ -e /work/shared ] || ln -s "$PWD/.carry/shared" /work/shared
+# The binaries carry the absolute source path they were built from (BUILD_INFO_MPI) and read the testdata beside it.
+built_src=$(sed -n 's/^mpi build: .* src \([^ ]*\) .*/\1/p' .carry/BUILD_INFO_MPI 2>/dev/null)
+if [ -n "$built_src" ]; then
+  mkdir -p "$(dirname "$built_src")"
+  [ -e "$built_src" ] || ln -s "$PWD" "$built_src"
+  [ -e "$(dirname "$built_src")/shared" ] || ln -s "$PWD/.carry/shared" "$(dirname "$built_src")/shared"
+fi
 B=$KMOE_MPI_BUILD/bin
 echo "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
 cat .carry/BUILD_INFO 2>/dev/null | head -n 3
